@@ -1,0 +1,87 @@
+"""Activation checkpointing placed per decoder layer (never model saving: see train.py for that).
+
+transformers' `GradientCheckpointingLayer` reads two attributes on every forward: a boolean
+`gradient_checkpointing` and the function `_gradient_checkpointing_func`. Setting them per layer
+recomputes exactly the chosen layers; the rest keep their activations.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from runner.model import decoder_layers, lora_parameters
+from runner.spec import ActivationCheckpointingSpec
+
+
+def resolve_layers(spec: ActivationCheckpointingSpec, num_layers: int) -> list[int]:
+    """The sorted 0-based indices of the layers to recompute."""
+    if spec.count is not None:
+        k = spec.count
+        if k > num_layers:
+            raise ValueError(f"activation_checkpointing.count={k} but the model has {num_layers} layers")
+        if spec.placement == "first":
+            return list(range(k))
+        if spec.placement == "last":
+            return list(range(num_layers - k, num_layers))
+        return sorted({(i * num_layers) // k for i in range(k)}) if k else []  # evenly spaced
+    if spec.layers == "none":
+        return []
+    if spec.layers == "all":
+        return list(range(num_layers))
+    bad = [i for i in spec.layers if i >= num_layers]
+    if bad:
+        raise ValueError(f"activation_checkpointing.layers {bad} out of range: the model has {num_layers} layers")
+    return sorted(spec.layers)
+
+
+def _offloaded_checkpoint(function, *args, **kwargs):
+    # Checkpointed layers save only their inputs; keep those in pinned host memory.
+    with torch.autograd.graph.save_on_cpu(pin_memory=True):
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+
+def apply_checkpointing(model: torch.nn.Module, layers: list[int], offload: bool = False) -> None:
+    """Recompute exactly `layers` in backward (non-reentrant); all other layers save activations."""
+    func = _offloaded_checkpoint if offload else partial(checkpoint, use_reentrant=False)
+    chosen = set(layers)
+    for i, layer in enumerate(decoder_layers(model)):
+        layer._gradient_checkpointing_func = func
+        layer.gradient_checkpointing = i in chosen
+
+
+def check_gradient_flow(model: torch.nn.Module, batch: dict[str, torch.Tensor], max_tokens: int = 128) -> None:
+    """One forward/backward on a short slice: every LoRA parameter must get a non-zero gradient.
+
+    LoRA's B starts at zero, which makes A's gradient exactly zero on step one; so B is briefly set
+    to small random values, and everything (weights, grads, RNG) is put back afterwards.
+    """
+    params = lora_parameters(model)
+    if not params:
+        raise RuntimeError("the model has no trainable parameters: check lora.target_modules")
+    saved = {n: p.detach().clone() for n, p in params.items() if "lora_B" in n}
+    rng = torch.get_rng_state()
+    try:
+        with torch.no_grad():
+            for n, p in params.items():
+                if "lora_B" in n:
+                    p.normal_(std=1e-2)
+        ids = batch["input_ids"][:1, :max_tokens]
+        labels = ids.clone()
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        dead = [n for n, p in params.items() if p.grad is None or not torch.any(p.grad != 0)]
+    finally:
+        with torch.no_grad():
+            for n, v in saved.items():
+                params[n].copy_(v)
+        for p in params.values():
+            p.grad = None
+        torch.set_rng_state(rng)
+    if dead:
+        shown = ", ".join(dead[:5]) + (f" (+{len(dead) - 5} more)" if len(dead) > 5 else "")
+        raise RuntimeError(f"gradient-flow check failed: {len(dead)} of {len(params)} LoRA parameters got no "
+                           f"gradient: {shown}. Checkpointed layers may be cutting the graph "
+                           f"(reentrant checkpointing without input grads) or the targets are frozen.")

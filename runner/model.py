@@ -1,0 +1,95 @@
+"""Tokenizer, the HF model (pretrained, or an architecture with random weights), PEFT LoRA wrapping."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
+
+from runner.spec import LoraSpec, ModelSpec, TokenizerSpec
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def preset_config(preset: str) -> LlamaConfig:
+    """Llama architectures by name, for runs without a config.json at hand."""
+    common = dict(tie_word_embeddings=False, use_cache=False, bos_token_id=0, eos_token_id=1, pad_token_id=5)
+    if preset == "tiny":
+        # Matches the shipped tokenizer (data/tokenizer, 1024 tokens); real Llama layout, toy widths.
+        return LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                           rms_norm_eps=1e-5, **common)
+    if preset == "llama3-8b":
+        return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                           rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                           **common)
+    raise ValueError(f"unknown model preset {preset!r}")
+
+
+def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
+    if spec.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[spec.dtype]
+
+
+def model_config(spec: ModelSpec):
+    if spec.preset:
+        return preset_config(spec.preset)
+    return AutoConfig.from_pretrained(spec.name_or_path)
+
+
+def build_tokenizer(tokenizer: TokenizerSpec, model: ModelSpec) -> PreTrainedTokenizerBase:
+    source = tokenizer.name_or_path or model.name_or_path
+    if source is None:
+        raise ValueError("tokenizer.name_or_path is required with a model.preset (presets have no tokenizer)")
+    tok = AutoTokenizer.from_pretrained(source)
+    if tokenizer.chat_template:
+        tok.chat_template = tokenizer.chat_template
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_model(spec: ModelSpec, lora: LoraSpec, device: torch.device, vocab_size: int | None = None,
+                seed: int = 0) -> PeftModel:
+    """The base model in `spec.dtype` on `device`, frozen, wrapped with LoRA adapters."""
+    dtype = resolve_dtype(spec, device)
+    config = model_config(spec)
+    config.use_cache = False  # a training forward must not build a KV cache (it keeps activations alive)
+    config._attn_implementation = spec.attn_implementation
+    if vocab_size is not None and vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocabulary has {config.vocab_size}")
+    if spec.init == "random":
+        torch.manual_seed(seed)
+        with torch.device(device):
+            base = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=spec.attn_implementation)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=dtype, device_map={"": device},
+                                                    attn_implementation=spec.attn_implementation)
+    base.config.use_cache = False
+    return wrap_lora(base, lora, seed)
+
+
+def wrap_lora(base: torch.nn.Module, lora: LoraSpec, seed: int = 0) -> PeftModel:
+    torch.manual_seed(seed + 1)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                        target_modules=lora.target_modules, task_type="CAUSAL_LM", bias="none")
+    model = get_peft_model(base, config, autocast_adapter_dtype=lora.adapter_dtype == "float32")
+    if lora.adapter_dtype == "model":
+        dtype = next(base.parameters()).dtype
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(dtype)
+    return model
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers, in order: the modules transformers makes checkpointable."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}

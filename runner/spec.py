@@ -1,0 +1,372 @@
+"""The job spec and the search-space schema: load YAML, apply overrides, validate, to/from dict.
+
+Everything a user writes goes through `load_job` / `load_search_space`, which report *every*
+problem at once (dotted path + what to do) as one `SpecError`, before Ray or a GPU is touched.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class SpecError(ValueError):
+    """A user-facing spec problem; `problems` lists each as 'dotted.path: message'."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Job spec
+
+
+PRESETS = ("tiny", "llama3-8b")
+
+
+class ModelSpec(_Strict):
+    name_or_path: str | None = None
+    """HF hub id or local directory with config.json (+ weights unless init=random)."""
+    preset: Literal["tiny", "llama3-8b"] | None = None
+    """Architecture preset, used instead of name_or_path when no config is at hand."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """`random` builds the architecture with seeded random weights (dry runs, benchmarks)."""
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
+    """Weight and compute dtype; `auto` is bfloat16 on GPU and float32 on CPU."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel, as transformers names it."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        if (self.name_or_path is None) == (self.preset is None):
+            raise ValueError("set exactly one of model.name_or_path (HF id or local path) or model.preset "
+                             f"({' | '.join(PRESETS)})")
+        if self.preset is not None and self.init != "random":
+            raise ValueError("a model.preset has no weights: set model.init: random")
+        return self
+
+
+class TokenizerSpec(_Strict):
+    name_or_path: str | None = None
+    """HF id or local directory; defaults to the model's."""
+    chat_template: str | None = None
+    """Jinja chat template overriding the tokenizer's own (for `messages` data)."""
+
+
+class DataSpec(_Strict):
+    path: str
+    """Local .jsonl/.json/.parquet file (or directory of them), or an HF dataset id."""
+    format: Literal["alpaca", "messages", "text"] = "alpaca"
+    """Row layout: alpaca (instruction/input/output), messages (chat, loss on assistant), text."""
+    split: str = "train"
+    """Split to read from an HF dataset id."""
+    sequence_len: int = Field(2048, gt=0)
+    """Tokens per sequence; longer rows are truncated (and counted)."""
+    packing: bool = False
+    """Concatenate rows into full `sequence_len` blocks: no padding, constant memory per step."""
+    pad_to_sequence_len: bool = False
+    """Pad every micro-batch to `sequence_len` (constant memory without packing)."""
+    train_on_inputs: bool = False
+    """Also compute loss on prompt tokens (alpaca/messages)."""
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Held-out fraction for evaluation."""
+    max_rows: int | None = Field(None, gt=0)
+    """Use only the first N rows."""
+
+
+class LoraSpec(_Strict):
+    r: int = Field(16, gt=0)
+    """LoRA rank."""
+    lora_alpha: float = Field(32, gt=0)
+    """LoRA scaling numerator (scale = lora_alpha / r)."""
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """peft module names (q_proj, v_proj, ...) or `all-linear`."""
+    adapter_dtype: Literal["float32", "model"] = "float32"
+    """peft keeps adapters in fp32 by default; `model` keeps them in the model dtype (less memory)."""
+
+
+class ActivationCheckpointingSpec(_Strict):
+    layers: Literal["none", "all"] | list[int] = "none"
+    """`none`, `all`, or explicit 0-based decoder-layer indices to recompute."""
+    count: int | None = Field(None, ge=0)
+    """Checkpoint this many layers, placed by `placement` (instead of `layers`)."""
+    placement: Literal["first", "last", "every_n"] = "first"
+    """Where `count` layers go: the first k, the last k, or evenly spaced."""
+    offload: bool = False
+    """Keep checkpointed layer inputs in pinned CPU memory instead of on the GPU."""
+
+    @model_validator(mode="after")
+    def _count_or_layers(self) -> "ActivationCheckpointingSpec":
+        if self.count is not None and self.layers != "none":
+            raise ValueError("set either activation_checkpointing.layers or activation_checkpointing.count, not both")
+        if isinstance(self.layers, list):
+            if len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers):
+                raise ValueError("activation_checkpointing.layers must be distinct non-negative layer indices")
+        return self
+
+
+class TrainingSpec(_Strict):
+    micro_batch_size: int = Field(1, gt=0)
+    """Sequences per forward/backward on one worker."""
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    """Micro-batches per optimizer step; global batch = micro × accum × workers."""
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps; overrides num_epochs when set."""
+    num_epochs: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Gradient clipping; null disables it."""
+    seed: int = 0
+    loss: Literal["hf", "chunked"] = "chunked"
+    """`hf`: the model's loss on full fp32 logits; `chunked`: linear+CE in chunks, logits never whole."""
+    loss_chunk_tokens: int = Field(1024, gt=0)
+    """Tokens per chunk of the chunked loss."""
+    logging_steps: int = Field(1, gt=0)
+    eval_steps: int | None = Field(None, gt=0)
+    save_steps: int | None = Field(None, gt=0)
+    """Save a resumable checkpoint every N optimizer steps (and at the end)."""
+    check_gradient_flow: bool = True
+    """Before training, verify every LoRA parameter gets a non-zero gradient (fail fast)."""
+    measure_warmup_steps: int = Field(1, ge=0)
+    """Optimizer steps excluded from the steady-state tokens/s summary."""
+
+
+class ResourcesSpec(_Strict):
+    address: str | None = None
+    """Ray address (`auto`, `ray://...`); null starts a local Ray."""
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, gt=0, le=1)
+    """Fraction of a GPU per worker (several probes may share one card)."""
+    gpu_memory_gib: float | None = Field(None, gt=0)
+    """Per-process cap (torch.cuda.set_per_process_memory_fraction), emulating a smaller card."""
+
+
+class TrackingSpec(_Strict):
+    tracking_uri: str | None = None
+    """MLflow tracking URI; default: sqlite:///mlflow.db in the working directory."""
+    experiment_name: str = "fitrun"
+    run_name: str | None = None
+
+
+class JobSpec(_Strict):
+    name: str = "job"
+    """Job name: the Ray run name and the default MLflow run name."""
+    model: ModelSpec
+    tokenizer: TokenizerSpec = TokenizerSpec()
+    data: DataSpec
+    lora: LoraSpec = LoraSpec()
+    training: TrainingSpec = TrainingSpec()
+    activation_checkpointing: ActivationCheckpointingSpec = ActivationCheckpointingSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    output_dir: str = "outputs/{name}"
+    """Adapters, checkpoints and Ray storage; `{name}` is replaced by the job name."""
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "JobSpec":
+        problems = []
+        if self.resources.gpu_memory_gib is not None and not self.resources.use_gpu:
+            problems.append("resources.gpu_memory_gib needs resources.use_gpu: true")
+        if self.data.packing and self.data.pad_to_sequence_len:
+            problems.append("data.packing and data.pad_to_sequence_len are exclusive: packed blocks are always full")
+        num_layers = preset_num_layers(self.model.preset)
+        ac = self.activation_checkpointing
+        if num_layers is not None:
+            if isinstance(ac.layers, list) and ac.layers and max(ac.layers) >= num_layers:
+                problems.append(f"activation_checkpointing.layers: model has {num_layers} layers (0..{num_layers - 1}), "
+                                f"got index {max(ac.layers)}")
+            if ac.count is not None and ac.count > num_layers:
+                problems.append(f"activation_checkpointing.count: model has {num_layers} layers, got {ac.count}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def global_batch_size(self) -> int:
+        t = self.training
+        return t.micro_batch_size * t.gradient_accumulation_steps * self.resources.num_workers
+
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir.replace("{name}", self.name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def preset_num_layers(preset: str | None) -> int | None:
+    return {"tiny": 4, "llama3-8b": 32}.get(preset) if preset else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Search space
+
+
+class CheckpointDimension(_Strict):
+    k: list[int] | dict[str, int] | None = None
+    """Checkpointed-layer counts: a list, or {min, max} (inclusive). Default: 0..num_layers."""
+    placements: list[Literal["first", "last", "every_n"]] = ["first"]
+    """Placement strategies to try for each k."""
+    layer_sets: list[list[int]] = []
+    """Explicit layer sets to try as well."""
+
+
+class SearchSpaceSpec(_Strict):
+    activation_checkpointing: CheckpointDimension = CheckpointDimension()
+    lora_r: list[int] | None = None
+    """LoRA ranks to try; default: the job's."""
+    lora_alpha_rule: str = "2*r"
+    """lora_alpha as a function of r: `2*r`, `r`, `16` (a constant), ..."""
+    gradient_accumulation_steps: list[int] | None = None
+    """Accumulation steps to try; micro-batch = global batch / (accum × workers)."""
+    gpu_memory_gib: float | None = Field(None, gt=0)
+    """Memory ceiling; on CPU it bounds measured tensor memory."""
+    safety_margin_gib: float = Field(0.5, ge=0)
+    """Headroom kept below the ceiling (CUDA context, fragmentation)."""
+    objective: Literal["tokens_per_s"] = "tokens_per_s"
+    searcher: Literal["fit", "random", "optuna"] = "fit"
+    """`fit`: structured smallest-k-that-fits search; `random`/`optuna`: generic, for comparison."""
+    num_samples: int = Field(20, gt=0)
+    """Trials for the generic searchers."""
+    probe_warmup_steps: int = Field(1, ge=0)
+    probe_steps: int = Field(3, gt=0)
+    """Measured optimizer steps per probe trial."""
+    prune_with_estimate: bool = True
+    """Skip configs the memory estimate puts over the ceiling by more than `prune_margin_pct`."""
+    prune_margin_pct: float = Field(10.0, ge=0)
+    max_concurrent_trials: int | None = Field(None, gt=0)
+    exclusive_finalists: int = Field(3, ge=0)
+    """Re-measure the top N feasible configs alone on the device (uncontended speed)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """`a.b=c` strings into a nested dict; values parsed as YAML (`3`, `true`, `[1,2]`)."""
+    out: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise SpecError("--set", [f"{item!r}: expected dotted.key=value"])
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = deep_merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        # Drop pydantic's union/literal branch tags so the path reads as the user's YAML keys.
+        loc = [str(p) for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
+        path = ".".join(loc) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check spelling; see the spec reference in README)"
+        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
+            msg = f"{msg}, got {e['input']!r}"
+        problems.append(f"{path}: {msg}")
+    # A union (e.g. layers: 'none'|'all'|list) reports one error per branch; keep each path once.
+    seen, unique = set(), []
+    for p in problems:
+        key = p.split(":", 1)[0]
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
+
+
+def _read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(str(path), ["file not found"])
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SpecError(str(path), [f"not valid YAML: {e}"]) from e
+    if not isinstance(raw, dict):
+        raise SpecError(str(path), ["top level must be a mapping of keys"])
+    return raw
+
+
+def job_from_dict(raw: dict, source: str = "job") -> JobSpec:
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(source, _format_errors(e)) from None
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    raw = deep_merge(_read_yaml(path), parse_overrides(overrides))
+    spec = job_from_dict(raw, str(path))
+    _check_paths(spec, str(path))
+    return spec
+
+
+def _check_paths(spec: JobSpec, source: str) -> None:
+    """Local paths that look local must exist (hub ids have no leading ./ or /, and no file suffix)."""
+    problems = []
+    for field, value in (("data.path", spec.data.path), ("model.name_or_path", spec.model.name_or_path),
+                         ("tokenizer.name_or_path", spec.tokenizer.name_or_path)):
+        if value and _looks_local(value) and not Path(value).exists():
+            problems.append(f"{field}: local path {value!r} does not exist")
+    if problems:
+        raise SpecError(source, problems)
+
+
+def _looks_local(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or Path(value).suffix in (".json", ".jsonl", ".parquet") \
+        or Path(value).exists() or value.count("/") != 1
+
+
+def load_search_space(path: str | Path, overrides: list[str] | None = None) -> SearchSpaceSpec:
+    raw = deep_merge(_read_yaml(path), parse_overrides(overrides))
+    try:
+        return SearchSpaceSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(str(path), _format_errors(e)) from None
+
+
+def dump_yaml(spec: BaseModel) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict to {'a.b': v} (MLflow params)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

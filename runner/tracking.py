@@ -1,0 +1,91 @@
+"""MLflow: one run per job (or per trial, nested under a search's parent run), params = the resolved
+spec flattened, metrics per step, artifacts = resolved spec YAML, adapter, plots, tables."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+from runner.spec import TrackingSpec, flatten
+
+PARAM_MAX_CHARS = 6000
+
+
+def tracking_uri(spec: TrackingSpec) -> str:
+    """The spec's URI, else MLflow's own default (sqlite:///mlflow.db) made absolute for Ray workers."""
+    if spec.tracking_uri:
+        uri = spec.tracking_uri
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).absolute())
+        return uri
+    return "sqlite:///" + str(Path("mlflow.db").absolute())
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name)
+
+
+def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any] | None = None,
+              tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
+    client = MlflowClient(uri)
+    tags = dict(tags or {})
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id  # nests the run under its parent in the UI
+    run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags)
+    if params:
+        log_params(uri, run.info.run_id, params)
+    return run.info.run_id
+
+
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    flat = flatten(params)
+    items = [Param(k, str(v)[:PARAM_MAX_CHARS]) for k, v in flat.items()]
+    client = MlflowClient(uri)
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def find_run(uri: str, experiment: str, filter_string: str) -> str | None:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+class RunLogger:
+    """Rank-0 logging into an existing run from any process (Ray worker, Tune trial, driver)."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client = MlflowClient(uri)
+        self.run_id = run_id
+
+    def metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in values.items() if v is not None]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def tags(self, values: dict[str, Any]) -> None:
+        for k, v in values.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def artifact(self, local_file: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_file), artifact_path)
+
+    def end(self, ok: bool) -> None:
+        status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+        self.client.set_terminated(self.run_id, status=status)
