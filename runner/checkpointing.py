@@ -71,7 +71,8 @@ def check_gradient_flow(model: torch.nn.Module, batch: dict[str, torch.Tensor], 
         ids = batch["input_ids"][:1, :max_tokens]
         labels = ids.clone()
         out = model(input_ids=ids, labels=labels)
-        out.loss.backward()
+        if out.loss.requires_grad:
+            out.loss.backward()
         dead = [n for n, p in params.items() if p.grad is None or not torch.any(p.grad != 0)]
     finally:
         with torch.no_grad():

@@ -127,15 +127,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
                               num_training_steps=max_steps)
     step = 0
-    resume = ray.train.get_checkpoint()
-    resume_dir = None
-    if resume is not None:
-        resume_dir = resume.to_directory()
-    elif config.get("resume_from"):
-        resume_dir = config["resume_from"]
-    if resume_dir and not probe:
-        step = load_state(resume_dir, model, optimizer, scheduler, batches, device)
-        say(f"resumed from {resume_dir} at step {step}")
+    resume = ray.train.get_checkpoint()  # Ray restores the run's latest checkpoint (same name + storage)
+    if resume is not None and not probe:
+        with resume.as_directory() as resume_dir:
+            step = load_state(resume_dir, model, optimizer, scheduler, batches, device)
+        say(f"resumed from {resume.path} at step {step}")
 
     # -- loop ------------------------------------------------------------------------------------
     memory = PeakMemory(device, baseline=list(model.parameters()),
@@ -169,6 +165,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 save_now = not probe and t.save_steps and step % t.save_steps == 0 and step < max_steps
                 if save_now:
                     _report_with_state(metrics, model, optimizer, scheduler, batches, step, rank)
+                if os.environ.get("FITRUN_CRASH_AFTER_STEP") == str(step):  # fault injection for resume tests
+                    raise RuntimeError(f"FITRUN_CRASH_AFTER_STEP={step}: simulated crash")
     except torch.OutOfMemoryError as e:
         if not probe:
             raise
@@ -367,13 +365,7 @@ def init_ray(address: str | None) -> None:
     # Workers inherit the driver's environment, so `python -m runner` works without an install too.
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")])),
                         "FITRUN_PROGRESS": os.environ.get("FITRUN_PROGRESS", "1")}}
-    ray.init(address=address, runtime_env=env, include_dashboard=False, log_to_driver=True,
-             configure_logging=True, logging_level="WARNING")
-
-
-def _latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted(run_dir.glob(f"checkpoint_*/{STATE_FILE}"))
-    return found[-1].parent if found else None
+    ray.init(address=address, runtime_env=env, log_to_driver=True, configure_logging=True, logging_level="WARNING")
 
 
 def absolute_paths(spec: JobSpec) -> JobSpec:
@@ -397,10 +389,11 @@ def run_train(spec: JobSpec, resume: bool = True) -> dict[str, Any]:
     out = Path(spec.output_dir)
     run_dir = out / "ray" / spec.name
     done_marker = out / "DONE"
-    if done_marker.exists() or not resume:
+    if done_marker.exists() or not resume:  # a finished (or unwanted) run is not resumed: start over
         shutil.rmtree(out / "ray", ignore_errors=True)
         done_marker.unlink(missing_ok=True)
-    resume_from = _latest_checkpoint(run_dir) if resume else None
+    # An unfinished run with checkpoints: Ray Train restores its latest one from the run snapshot.
+    resume_from = max(run_dir.glob("checkpoint_[0-9]*"), default=None)
     out.mkdir(parents=True, exist_ok=True)
 
     uri = tracking_uri(spec.tracking)
@@ -423,8 +416,7 @@ def run_train(spec: JobSpec, resume: bool = True) -> dict[str, Any]:
     per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.to_dict(), "tracking_uri": uri, "run_id": run_id,
-                           "resume_from": str(resume_from) if resume_from else None},
+        train_loop_config={"spec": spec.to_dict(), "tracking_uri": uri, "run_id": run_id},
         scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(name=spec.name, storage_path=str(out / "ray"),

@@ -1,0 +1,68 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner.spec import SpecError, load_job, load_search_space, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_job_validates(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    spec = load_job(path)
+    assert spec.global_batch_size >= 1
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_search_space_validates(path):
+    load_search_space(path)
+
+
+def test_all_problems_reported_at_once_with_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("""
+model: {preset: tiny, init: random, dtyp: float32}
+data: {path: data/instructions.alpaca.jsonl, sequence_len: 0}
+lora: {r: -4}
+training: {micro_batch_size: 0, lr_scheduler: wavy}
+activation_checkpointing: {layers: [0, 9]}
+""")
+    with pytest.raises(SpecError) as e:
+        load_job(bad)
+    msg = str(e.value)
+    for expected in ("model.dtyp: unknown key", "data.sequence_len", "lora.r: Input should be greater than 0, got -4",
+                     "training.micro_batch_size", "training.lr_scheduler"):
+        assert expected in msg, msg
+    assert len(e.value.problems) >= 5
+
+
+def test_cross_field_checks(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SpecError, match=r"model has 4 layers"):
+        load_job(ROOT / "jobs/tiny-cpu.yaml", ["activation_checkpointing.count=null", "activation_checkpointing.layers=[0,7]"])
+    with pytest.raises(SpecError, match="either activation_checkpointing.layers or"):
+        load_job(ROOT / "jobs/tiny-cpu.yaml", ["activation_checkpointing.layers=all"])
+    with pytest.raises(SpecError, match="gpu_memory_gib needs resources.use_gpu"):
+        load_job(ROOT / "jobs/tiny-cpu.yaml", ["resources.gpu_memory_gib=24"])
+    with pytest.raises(SpecError, match="does not exist"):
+        load_job(ROOT / "jobs/tiny-cpu.yaml", ["data.path=./nope.jsonl"])
+
+
+def test_overrides_parse_yaml_values():
+    assert parse_overrides(["training.max_steps=50", "activation_checkpointing.layers=[1, 2]", "a.b=true"]) == {
+        "training": {"max_steps": 50}, "activation_checkpointing": {"layers": [1, 2]}, "a": {"b": True}}
+
+
+def test_cli_validate_exits_2_without_starting_ray(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {preset: tiny}\ndata: {path: x.jsonl}\nbogus: 1\n")
+    out = subprocess.run([sys.executable, "-m", "runner", "validate", str(bad)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2
+    assert "bogus: unknown key" in out.stderr
+    assert "model: set model.init: random" in out.stderr or "model.init: random" in out.stderr
+    assert "ray" not in out.stdout.lower()

@@ -1,0 +1,92 @@
+"""The tiny job end to end: CLI -> local Ray cluster -> Ray Train worker -> MLflow (real SQLite store)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.ray
+
+STEPS = ["--set", "training.max_steps=8", "--set", "training.save_steps=4", "--set", "training.eval_steps=4",
+         "--set", "training.logging_steps=2"]
+
+
+def fitrun_train(root, tmp, *extra, env=None):
+    args = [sys.executable, "-m", "runner", "train", "jobs/tiny-cpu.yaml", "--set", f"output_dir={tmp}/out",
+            "--set", f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db", *STEPS, *extra]
+    return subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "FITRUN_PROGRESS": "0", **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def finished(root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    out = fitrun_train(root, tmp)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return tmp, out
+
+
+def _adapter(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_job_logs_fixed_format_lines(finished):
+    _, out = finished
+    log = out.stdout + out.stderr
+    assert "batch: micro 4 x accum 2 x workers 1 = global 8; 8 steps" in log
+    assert "activation checkpointing: 2/4 layers [0, 2]" in log
+    assert "step     8/8 | loss " in log and "| tok/s " in log and "eval_loss" in log
+
+
+def test_mlflow_run_read_back(finished):
+    tmp, _ = finished
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    exp = client.get_experiment_by_name("fitrun-tiny")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lora.r"] == "8" and run.data.params["activation_checkpointing.count"] == "2"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == [2, 4, 6, 8]
+    assert {"tokens_per_s", "peak_allocated_gib", "grad_norm", "lr", "eval_loss", "final_tokens_per_s"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"job.yaml", "adapter"} <= artifacts
+    assert "adapter/adapter_model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+
+
+def test_final_adapter_loads_with_peft(finished):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from runner.model import preset_config
+
+    tmp, _ = finished
+    base = LlamaForCausalLM(preset_config("tiny"))
+    model = PeftModel.from_pretrained(base, str(tmp / "out/adapter"))
+    saved = _adapter(tmp / "out/adapter")
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(saved) == 4 * 7 * 2
+    assert any(float(v.abs().sum()) > 0 for k, v in saved.items() if "lora_B" in k)  # it trained
+
+
+def test_crash_then_resume_matches_uninterrupted_run(root, finished, tmp_path):
+    ref_tmp, _ = finished
+    crashed = fitrun_train(root, tmp_path, env={"FITRUN_CRASH_AFTER_STEP": "6"})
+    assert crashed.returncode != 0 and "simulated crash" in crashed.stdout + crashed.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("fitrun-tiny").experiment_id])
+    assert run.info.status == "FAILED"
+
+    resumed = fitrun_train(root, tmp_path)
+    log = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, log[-3000:]
+    assert "at step 4" in log and "step     2/8" not in log
+    runs = client.search_runs([client.get_experiment_by_name("fitrun-tiny").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one MLflow run per job, across restarts
+    ref, got = _adapter(ref_tmp / "out/adapter"), _adapter(tmp_path / "out/adapter")
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-7, msg=k)
