@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
@@ -33,17 +36,38 @@ def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
     return DTYPES[spec.dtype]
 
 
+# Hub ids whose architecture we know, so `init: random` dry runs work where the hub is unreachable.
+KNOWN_ARCHITECTURES = {"meta-llama/Meta-Llama-3-8B": "llama3-8b", "meta-llama/Meta-Llama-3-8B-Instruct": "llama3-8b",
+                       "meta-llama/Llama-3.1-8B": "llama3-8b", "meta-llama/Llama-3.1-8B-Instruct": "llama3-8b"}
+SHIPPED_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "tokenizer"
+
+
 def model_config(spec: ModelSpec):
     if spec.preset:
         return preset_config(spec.preset)
-    return AutoConfig.from_pretrained(spec.name_or_path)
+    try:
+        return AutoConfig.from_pretrained(spec.name_or_path)
+    except OSError:
+        if spec.init == "random" and spec.name_or_path in KNOWN_ARCHITECTURES:
+            warnings.warn(f"config for {spec.name_or_path} unreachable; model.init=random uses the built-in "
+                          f"{KNOWN_ARCHITECTURES[spec.name_or_path]} architecture", stacklevel=2)
+            return preset_config(KNOWN_ARCHITECTURES[spec.name_or_path])
+        raise
 
 
 def build_tokenizer(tokenizer: TokenizerSpec, model: ModelSpec) -> PreTrainedTokenizerBase:
     source = tokenizer.name_or_path or model.name_or_path
     if source is None:
         raise ValueError("tokenizer.name_or_path is required with a model.preset (presets have no tokenizer)")
-    tok = AutoTokenizer.from_pretrained(source)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except OSError:
+        if not (model.init == "random" and tokenizer.name_or_path is None and SHIPPED_TOKENIZER.is_dir()):
+            raise
+        # A dry run without the weights has no tokenizer either: use the shipped Llama-3-layout one.
+        warnings.warn(f"tokenizer {source} unreachable; model.init=random dry run uses {SHIPPED_TOKENIZER}",
+                      stacklevel=2)
+        tok = AutoTokenizer.from_pretrained(SHIPPED_TOKENIZER)
     if tokenizer.chat_template:
         tok.chat_template = tokenizer.chat_template
     if tok.pad_token is None:
