@@ -42,7 +42,7 @@ class TensorMemory(TorchDispatchMode):
         if t.device.type == "meta":
             return
         st = t.untyped_storage()
-        key = st.data_ptr()
+        key = st._cdata
         if key in self._live or st.nbytes() == 0:
             return
         self._live[key] = (weakref.ref(st, lambda _ref, key=key: self._release(key)), st.nbytes())

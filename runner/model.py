@@ -42,13 +42,14 @@ KNOWN_ARCHITECTURES = {"meta-llama/Meta-Llama-3-8B": "llama3-8b", "meta-llama/Me
 SHIPPED_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "tokenizer"
 
 
-def model_config(spec: ModelSpec):
+def model_config(spec: ModelSpec, allow_builtin: bool = False):
+    """The architecture; `allow_builtin` (or init=random) falls back to a known hub id's built-in config."""
     if spec.preset:
         return preset_config(spec.preset)
     try:
         return AutoConfig.from_pretrained(spec.name_or_path)
     except OSError:
-        if spec.init == "random" and spec.name_or_path in KNOWN_ARCHITECTURES:
+        if (spec.init == "random" or allow_builtin) and spec.name_or_path in KNOWN_ARCHITECTURES:
             warnings.warn(f"config for {spec.name_or_path} unreachable; model.init=random uses the built-in "
                           f"{KNOWN_ARCHITECTURES[spec.name_or_path]} architecture", stacklevel=2)
             return preset_config(KNOWN_ARCHITECTURES[spec.name_or_path])

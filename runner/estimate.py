@@ -1,0 +1,235 @@
+"""Predict peak training memory on a CPU, in seconds, without weights or a GPU.
+
+Method: build the job's real model class (transformers + peft, same LoRA targets, dtype, checkpoint
+placement and loss) on fake tensors, run one forward + backward through the same `CausalLMLoss`
+the worker uses, and count live tensor bytes with `memory.TensorMemory`. Nothing is computed, so
+the full 8B config traces in a few seconds. What a trace cannot see is added analytically and
+stated as such: optimizer state (AdamW: two tensors per trainable parameter, present from step
+two), DDP gradient buckets, offloaded inputs, and the CUDA caching allocator's overhead
+(reserved / allocated, calibrated on H200 measurements: bench/results/).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from runner.checkpointing import apply_checkpointing, resolve_layers
+from runner.memory import GIB, TensorMemory
+from runner.model import DTYPES, decoder_layers, model_config, wrap_lora
+from runner.spec import JobSpec
+
+# CUDA-only terms, fitted to the five runs of bench/results/train-placements-2026-11-29.md (8B, H200):
+# measured allocated = traced + 0.22 GiB in all five (cuBLAS workspaces, fused-AdamW scratch), and
+# reserved / allocated = 1.032 .. 1.069, mean 1.049 (the caching allocator's rounding and blocks).
+CUDA_EXTRA_GIB = 0.22
+RESERVED_OVERHEAD = 0.049
+
+
+@dataclass
+class Estimate:
+    target: str
+    num_checkpointed_layers: int
+    components_gib: dict[str, float] = field(default_factory=dict)
+    peak_allocated_gib: float = 0.0
+    peak_reserved_gib: float = 0.0
+
+    @property
+    def peak_gib(self) -> float:
+        """The number a ceiling is compared with: reserved on CUDA, tensor bytes on CPU."""
+        return self.peak_reserved_gib
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "peak_gib": self.peak_gib}
+
+
+def _fake_model(spec: JobSpec, dtype: torch.dtype, fake: FakeTensorMode) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(spec.model, allow_builtin=True)
+    config.use_cache = False
+    config._attn_implementation = spec.model.attn_implementation if spec.model.attn_implementation != \
+        "flash_attention_2" else "sdpa"  # same saved tensors as flash; the CPU trace cannot load flash-attn
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = wrap_lora(base, spec.lora, spec.training.seed)
+    with fake:
+        for mod in model.modules():
+            for n, p in list(mod._parameters.items()):
+                if p is not None:
+                    mod._parameters[n] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
+                                                            requires_grad=p.requires_grad)
+            for n, b in list(mod._buffers.items()):
+                if b is not None:
+                    mod._buffers[n] = torch.empty(b.shape, dtype=b.dtype)
+    model.train()
+    return model
+
+
+@contextmanager
+def _as_eager_run():
+    """transformers materialises the causal mask when it sees fake tensors (an export guard); a real
+    run on full sequences passes none and uses SDPA's is_causal. Trace what the real run does."""
+    from transformers import masking_utils
+
+    saved = masking_utils.is_tracing, masking_utils.find_packed_sequence_indices
+    masking_utils.is_tracing = lambda tensor=None: False
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None  # positions are 0..s-1 here
+    try:
+        yield
+    finally:
+        masking_utils.is_tracing, masking_utils.find_packed_sequence_indices = saved
+
+
+def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None = None) -> Estimate:
+    """Peak memory of one training step of `spec` on `target` ('cuda' or 'cpu'; default from the spec)."""
+    from runner.train import CausalLMLoss
+
+    target = target or ("cuda" if spec.resources.use_gpu else "cpu")
+    dtype = DTYPES[spec.model.dtype] if spec.model.dtype != "auto" else \
+        (torch.bfloat16 if target == "cuda" else torch.float32)
+    fake = FakeTensorMode()
+    model = _fake_model(spec, dtype, fake)
+    num_layers = len(decoder_layers(model))
+    if layers is None:
+        layers = resolve_layers(spec.activation_checkpointing, num_layers)
+    apply_checkpointing(model, layers)
+    net = CausalLMLoss(model, spec.training.loss, spec.training.loss_chunk_tokens)
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    b, s = spec.training.micro_batch_size, spec.data.sequence_len
+    with fake:
+        ids = torch.randint(0, 100, (b, s))
+        # Unpacked data is padded: a mask changes the attention path (and what it saves).
+        mask = None if spec.data.packing else torch.ones(b, s, dtype=torch.long).index_fill_(1, torch.tensor([s - 1]), 0)
+        memory = TensorMemory(params)
+        with memory, sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]), \
+                (_as_eager_run() if mask is None else nullcontext()):
+            loss = net(input_ids=ids, labels=ids, attention_mask=mask)
+            after_forward, forward_peak = memory.current, memory.peak
+            loss.backward()
+        peak = memory.peak
+
+    weights = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)
+    lora = sum(p.numel() * p.element_size() for p in trainable)
+    optimizer_state = 2 * lora  # AdamW exp_avg + exp_avg_sq, in the parameters' dtype
+    ddp_buckets = lora if spec.resources.num_workers > 1 else 0
+    saved = after_forward - weights - lora
+    offloaded = 0
+    if spec.activation_checkpointing.offload and target == "cuda":
+        offloaded = len(layers) * b * s * model.get_base_model().config.hidden_size * dtype.itemsize
+    cuda_extra = CUDA_EXTRA_GIB * GIB if target == "cuda" else 0.0
+    allocated = peak + optimizer_state + ddp_buckets - offloaded + cuda_extra
+    overhead = allocated * RESERVED_OVERHEAD if target == "cuda" else 0.0
+    components = {
+        "weights": weights,
+        "lora_params": lora,
+        "grads": lora,
+        "optimizer_state": optimizer_state,
+        "saved_activations": saved - offloaded,
+        "logits_loss_transient": forward_peak - after_forward,
+        "backward_transient": peak - after_forward - lora,
+        "ddp_buckets": ddp_buckets,
+        "cuda_workspaces": cuda_extra,
+        "allocator_overhead": overhead,
+    }
+    return Estimate(target=target, num_checkpointed_layers=len(layers),
+                    components_gib={k: v / GIB for k, v in components.items()},
+                    peak_allocated_gib=allocated / GIB, peak_reserved_gib=(allocated + overhead) / GIB)
+
+
+def sweep_k(spec: JobSpec, ks: list[int], target: str | None = None, placement: str | None = None,
+            exact: bool = False) -> dict[int, Estimate]:
+    """Estimates for several checkpointed-layer counts. Memory is piecewise linear in k (each
+    checkpointed layer trades its saved activations for its input), so unless `exact`, only
+    every 8th k and the ends are traced and the rest interpolated."""
+    from runner.checkpointing import resolve_layers as place
+    from runner.spec import ActivationCheckpointingSpec
+
+    placement = placement or spec.activation_checkpointing.placement
+    ks = sorted(set(ks))
+
+    def one(k: int) -> Estimate:
+        layers = place(ActivationCheckpointingSpec(count=k, placement=placement), _num_layers(spec))
+        return estimate(spec, target, layers)
+
+    if exact or len(ks) <= 3:
+        return {k: one(k) for k in ks}
+    anchors = sorted({ks[0], ks[-1], *[k for k in ks if k % 8 == 0]})
+    traced = {k: one(k) for k in anchors}
+    out = {}
+    for k in ks:
+        if k in traced:
+            out[k] = traced[k]
+            continue
+        lo = max(a for a in anchors if a < k)
+        hi = min(a for a in anchors if a > k)
+        w = (k - lo) / (hi - lo)
+        a, c = traced[lo], traced[hi]
+        out[k] = Estimate(target=a.target, num_checkpointed_layers=k,
+                          components_gib={n: a.components_gib[n] * (1 - w) + c.components_gib[n] * w
+                                          for n in a.components_gib},
+                          peak_allocated_gib=a.peak_allocated_gib * (1 - w) + c.peak_allocated_gib * w,
+                          peak_reserved_gib=a.peak_reserved_gib * (1 - w) + c.peak_reserved_gib * w)
+    return out
+
+
+def _num_layers(spec: JobSpec) -> int:
+    return model_config(spec.model, allow_builtin=True).num_hidden_layers
+
+
+def parse_sweep(text: str) -> list[int]:
+    """`k=0..32` or `k=0,8,16`."""
+    name, _, values = text.partition("=")
+    if name.strip() != "k" or not values:
+        raise ValueError(f"--sweep: expected k=A..B or k=A,B,C, got {text!r}")
+    if ".." in values:
+        lo, hi = values.split("..")
+        return list(range(int(lo), int(hi) + 1))
+    return [int(v) for v in values.split(",")]
+
+
+def format_table(est: Estimate, ceiling_gib: float | None) -> str:
+    unit = "GiB (reserved on CUDA)" if est.target == "cuda" else "GiB (tensor bytes on CPU)"
+    lines = [f"{'component':<24}{'GiB':>10}"]
+    lines += [f"{k:<24}{v:>10.4g}" for k, v in est.components_gib.items()]
+    lines.append(f"{'peak allocated':<24}{est.peak_allocated_gib:>10.4g}")
+    lines.append(f"{'predicted peak':<24}{est.peak_gib:>10.4g}  {unit}")
+    if ceiling_gib is not None:
+        margin = ceiling_gib - est.peak_gib
+        verdict = "fits" if margin >= 0 else "does NOT fit"
+        lines.append(f"ceiling {ceiling_gib:.2f} GiB: {verdict} (margin {margin:+.2f} GiB)")
+    return "\n".join(lines)
+
+
+def run_estimate_cli(job: JobSpec, ceiling_gib: float | None, sweep: str | None, as_json: bool) -> int:
+    ceiling_gib = ceiling_gib if ceiling_gib is not None else job.resources.gpu_memory_gib
+    if sweep:
+        try:
+            ks = parse_sweep(sweep)
+        except ValueError as e:
+            print(f"error: {e}")
+            return 2
+        results = sweep_k(job, ks)
+        if as_json:
+            print(json.dumps({k: e.to_dict() for k, e in results.items()}, indent=2))
+        else:
+            print(f"{'k':>4}{'peak GiB':>10}  fits")
+            for k, e in results.items():
+                fits = "" if ceiling_gib is None else ("yes" if e.peak_gib <= ceiling_gib else "no")
+                print(f"{k:>4}{e.peak_gib:>10.4g}  {fits}")
+        return 0
+    est = estimate(job)
+    if as_json:
+        out = est.to_dict()
+        if ceiling_gib is not None:
+            out.update(ceiling_gib=ceiling_gib, fits=est.peak_gib <= ceiling_gib, margin_gib=ceiling_gib - est.peak_gib)
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_table(est, ceiling_gib))
+    return 0
