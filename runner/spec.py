@@ -249,6 +249,9 @@ class SearchSpaceSpec(_Strict):
     prune_with_estimate: bool = True
     """Skip configs the memory estimate puts over the ceiling by more than `prune_margin_pct`."""
     prune_margin_pct: float = Field(10.0, ge=0)
+    prune_dominated: bool = True
+    """Skip a rank column once a smaller rank at the same micro-batch fits with no more checkpointed
+    layers (it cannot be faster); off to measure every rank's boundary for the loss frontier."""
     max_concurrent_trials: int | None = Field(None, gt=0)
     exclusive_finalists: int = Field(3, ge=0)
     """Re-measure the top N feasible configs alone on the device (uncontended speed)."""

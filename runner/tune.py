@@ -123,7 +123,8 @@ class FitSearcher:
     """
 
     def __init__(self, columns: list[tuple], ks: list[int], ceiling_gib: float, margin_gib: float,
-                 predicted: dict[str, float] | None = None, prune_margin_pct: float = 10.0):
+                 predicted: dict[str, float] | None = None, prune_margin_pct: float = 10.0,
+                 prune_dominated: bool = True):
         self.columns, self.ks = columns, ks
         self.limit_gib = ceiling_gib - margin_gib
         self.predicted = predicted or {}
@@ -131,6 +132,8 @@ class FitSearcher:
         self.results: dict[str, dict] = {}   # key -> {"feasible": bool, ...}
         self.pending: dict[str, Config] = {}  # trial id -> config
         self.pruned: dict[str, float] = {}    # key -> predicted GiB (never launched)
+        self.dominated: dict[tuple, bool] = {}  # columns that cannot beat a smaller-rank twin
+        self.prune_dominated = prune_dominated
 
     def _config(self, column: tuple, k: int) -> Config:
         r, mb, acc, p = column
@@ -167,8 +170,15 @@ class FitSearcher:
         busy = {c.column for c in self.pending.values()}
         waiting = False
         for column in self.columns:
-            if column in busy:
-                waiting = True
+            if column in busy or column in self.dominated:
+                waiting = waiting or column in busy
+                continue
+            smaller_r = [c for c in self.columns if c[1:] == column[1:] and c[0] < column[0]]
+            if any(not self._settled(c) for c in smaller_r):
+                waiting = True  # its smaller-rank twin decides whether this column can win at all
+                continue
+            if self._is_dominated(column, smaller_r):
+                self.dominated[column] = True
                 continue
             lo, hi = self._column_state(column)
             first = 0 if lo is None else lo + 1
@@ -197,6 +207,33 @@ class FitSearcher:
                 k = candidates[(len(candidates) - 1) // 2] if hi is not None else candidates[len(candidates) // 2]
             return self._config(column, k)
         return None if waiting else "done"
+
+    def _settled(self, column: tuple) -> bool:
+        if column in self.dominated:
+            return True
+        if any(c.column == column for c in self.pending.values()):
+            return False
+        lo, hi = self._column_state(column)
+        first = 0 if lo is None else lo + 1
+        last = (len(self.ks) - 1) if hi is None else hi - 1
+        return first > last
+
+    def _is_dominated(self, column: tuple, smaller_r: list[tuple]) -> bool:
+        """A larger rank is never faster at the same micro-batch and k, and never needs fewer
+        checkpointed layers; so once a smaller-rank twin's best k* is measured and this column
+        cannot fit below k*, none of its configs can beat the twin (pruned as 'dominated')."""
+        if not self.prune_dominated:
+            return False
+        for twin in smaller_r:
+            best = [res["config"].k for res in self.results.values() if res["config"].column == twin and res["feasible"]]
+            if not best:
+                continue
+            lo, _ = self._column_state(column)
+            k_star = min(best)
+            first_k = self.ks[0 if lo is None else lo + 1] if (lo is None or lo + 1 < len(self.ks)) else None
+            if first_k is None or first_k >= k_star:
+                return True
+        return False
 
     def record(self, c: Config, result: dict) -> None:
         self.results[c.key] = {**result, "config": c}
@@ -238,11 +275,13 @@ def tune_searcher_class():
             self.inner, self.on_result, self.on_pruned = inner, on_result, on_pruned
 
         def suggest(self, trial_id: str):
-            before = set(self.inner.pruned)
+            before, before_columns = set(self.inner.pruned), set(self.inner.dominated)
             nxt = self.inner.next_config()
-            for key in set(self.inner.pruned) - before:
-                if self.on_pruned:
+            if self.on_pruned:
+                for key in set(self.inner.pruned) - before:
                     self.on_pruned(key, self.inner.pruned[key])
+                for r, mb, acc, p in set(self.inner.dominated) - before_columns:
+                    self.on_pruned(f"r{r}-mb{mb}-acc{acc}-{p}-dominated", None)
             if nxt == "done":
                 return Searcher.FINISHED
             if nxt is None:
@@ -471,7 +510,8 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
         parent_file.write_text(parent_id)
         predicted = predict_all(job, space, columns, ks, target) if space.prune_with_estimate else {}
         args = (columns, ks, space.gpu_memory_gib, space.safety_margin_gib)
-        kw = {"predicted": predicted, "prune_margin_pct": space.prune_margin_pct}
+        kw = {"predicted": predicted, "prune_margin_pct": space.prune_margin_pct,
+              "prune_dominated": space.prune_dominated}
         inner = RandomSearcher(*args, num_samples=space.num_samples, **kw) if space.searcher != "fit" \
             else FitSearcher(*args, **kw)
     parent = RunLogger(uri, parent_id)
@@ -486,13 +526,15 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
         print(f"trial {c.key:<36} {res['status']:<10} peak {peak:>8} GiB  "
               f"{res.get('measured_tokens_per_s', 0.0):>10,.0f} tok/s", flush=True)
 
-    def on_pruned(key: str, predicted_gib: float) -> None:
+    def on_pruned(key: str, predicted_gib: float | None) -> None:
+        """A config never launched: predicted over the ceiling, or a column dominated by a smaller rank."""
         state_file.write_bytes(pickle.dumps(searcher.inner))
+        reason = "estimate" if predicted_gib is not None else "dominated"
         run = start_run(uri, experiment, f"pruned-{key}", parent_run_id=parent_id,
-                        params={"config": key}, tags={"status": "pruned", "fitrun_config": key,
-                                                      "fitrun_phase": "pruned", "fitrun.kind": "trial"})
+                        params={"config": key, "reason": reason},
+                        tags={"status": "pruned", "fitrun_config": key, "fitrun_phase": "pruned", "fitrun.kind": "trial"})
         logger = RunLogger(uri, run)
-        logger.metrics({"predicted_peak_gib": predicted_gib, "feasible": 0.0})
+        logger.metrics({"feasible": 0.0, **({"predicted_peak_gib": predicted_gib} if predicted_gib is not None else {})})
         logger.end(ok=True)
 
     searcher = tune_searcher_class()(inner, on_result, on_pruned)
@@ -573,6 +615,7 @@ def _summarise(job, space, inner, winner, speed, speed_source, grid_size, starte
     wall_s = (datetime.datetime.now() - started).total_seconds()
     results = list(inner.results.values())
     counts = {"trials_run": len(results), "grid_size": grid_size, "pruned": len(inner.pruned),
+              "dominated_columns": len(inner.dominated),
               "infeasible": sum(r["status"] == "infeasible" for r in results),
               "errors": sum(r["status"] == "error" for r in results), "exclusive_runs": len(exclusive)}
     feasible = [{**r, "tokens_per_s": r["tokens_per_s"]} for r in results if r["feasible"]]
@@ -588,6 +631,9 @@ def _summarise(job, space, inner, winner, speed, speed_source, grid_size, starte
         lines[-1] += f" {r['loss']:.4f} |" if r.get("loss") is not None else " - |"
     for key, gib in sorted(inner.pruned.items()):
         lines.append(f"| {key} | pruned (predicted {gib:.3f} GiB) | - | - | - | - |")
+    for column in inner.dominated:
+        lines.append(f"| r{column[0]}-mb{column[1]}-acc{column[2]}-{column[3]}-* | pruned (dominated by a smaller rank) "
+                     f"| - | - | - | - |")
     table = "\n".join(lines)
     front_lines = ["| config | peak GiB | tokens/s |", "| --- | --- | --- |"] + \
         [f"| {p['config'].key} | {p['peak_gib']:.3f} | {p['tokens_per_s']:,.0f} |" for p in front]
