@@ -590,7 +590,7 @@ def _run_exclusive(configs: list[Config], job: JobSpec, space: SearchSpaceSpec, 
     tuner = ray.tune.Tuner(
         trainable,
         param_space={"config": ray.tune.grid_search([asdict(c) for c in configs])},
-        tune_config=ray.tune.TuneConfig(max_concurrent_trials=1, search_alg=BasicVariantGenerator()),
+        tune_config=ray.tune.TuneConfig(search_alg=BasicVariantGenerator(max_concurrent=1)),  # one at a time
         run_config=ray.tune.RunConfig(name="exclusive", storage_path=str(storage), verbose=0),
     )
     grid = tuner.fit()
