@@ -1,0 +1,169 @@
+"""The search under a memory ceiling: the structured searcher's logic, and a real search on CPU."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from runner.spec import SpecError, load_job, load_search_space
+from runner.tune import Config, FitSearcher, classify, expand
+
+CEILING = 24.0
+
+
+def oracle_gib(c: Config) -> float:
+    """An 8B-shaped memory surface: falls with k, rises with r and micro-batch."""
+    return 15.0 + 0.004 * c.r + c.micro_batch_size * (0.55 * (32 - c.k) + 1.5) + 0.3
+
+
+def brute_force_min_k(columns, ks, limit):
+    best = {}
+    for col in columns:
+        fits = [k for k in ks if oracle_gib(Config(*col, k)) <= limit]
+        best[col] = min(fits) if fits else None
+    return best
+
+
+def drive(searcher: FitSearcher) -> list[Config]:
+    launched = []
+    while True:
+        c = searcher.next_config()
+        if c == "done":
+            return launched
+        assert c is not None  # sequential driving never waits
+        for res in searcher.results.values():  # never launch what a measured infeasible result rules out
+            m = res["config"]
+            assert res["feasible"] or not (m.placement == c.placement and c.r >= m.r and
+                                           c.micro_batch_size >= m.micro_batch_size and c.k <= m.k)
+        launched.append(c)
+        peak = oracle_gib(c)
+        searcher.record(c, classify({"peak_gib": peak, "tokens_per_s": 1000.0 / (1 + 0.02 * c.k), "oom": 0}, searcher.limit_gib))
+
+
+@pytest.mark.parametrize("use_estimate", [True, False])
+def test_fit_searcher_finds_every_columns_smallest_fitting_k(use_estimate):
+    columns = [(r, 16 // a, a, "first") for r in (8, 16, 32, 64) for a in (16, 8, 4, 2)]
+    ks = list(range(33))
+    rng = random.Random(0)
+    predicted = {Config(*col, k).key: oracle_gib(Config(*col, k)) * rng.uniform(0.97, 1.03)
+                 for col in columns for k in ks} if use_estimate else {}
+    searcher = FitSearcher(columns, ks, CEILING, 0.5, predicted, prune_margin_pct=8, prune_dominated=False)
+    launched = drive(searcher)
+    truth = brute_force_min_k(columns, ks, CEILING - 0.5)
+    found = {res["config"].column: res["config"].k for res in searcher.best_per_column()}
+    assert found == {col: k for col, k in truth.items() if k is not None}
+    grid = len(columns) * len(ks)
+    assert len(launched) <= 0.4 * grid, (len(launched), grid)
+    if use_estimate:
+        assert len(launched) <= 2.5 * len(columns)  # the estimate puts probes next to the boundary
+
+
+def test_dominated_ranks_are_not_probed():
+    columns = [(r, 1, 16, "first") for r in (8, 16, 64)]
+    searcher = FitSearcher(columns, list(range(33)), CEILING, 0.5)
+    launched = drive(searcher)
+    assert {c.r for c in launched} == {8}
+    assert set(searcher.dominated) == {(16, 1, 16, "first"), (64, 1, 16, "first")}
+
+
+def test_space_problems_reported_before_anything_runs(root, monkeypatch, tmp_path):
+    monkeypatch.chdir(root)
+    job = load_job("jobs/tiny-cpu.yaml")  # global batch 8
+    bad = tmp_path / "space.yaml"
+    bad.write_text("gradient_accumulation_steps: [3, 2]\nactivation_checkpointing: {k: {min: 0, max: 9}}\n"
+                   "lora_alpha_rule: import os\n")
+    with pytest.raises(SpecError) as e:
+        expand(job, load_search_space(bad), num_layers=4)
+    text = str(e.value)
+    assert "[3] do not divide the job's global batch 8" in text
+    assert "must lie in 0..4" in text and "gpu_memory_gib: set a ceiling" in text and "lora_alpha_rule" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# A real search: CLI -> Ray Tune -> Train-inside-Tune probes on a local CPU cluster -> MLflow
+
+
+def _measure_peak(spec) -> float:
+    """Brute force, in-process: the probe's peak tensor GiB for one config (no ceiling enforced)."""
+    from runner.checkpointing import apply_checkpointing, resolve_layers
+    from runner.data import MicroBatches, tokenize
+    from runner.memory import PeakMemory
+    from runner.model import build_model, build_tokenizer, decoder_layers
+    from runner.train import CausalLMLoss, train_step
+
+    t = spec.training
+    tok = build_tokenizer(spec.tokenizer, spec.model)
+    data = tokenize(spec.data, tok)
+    batches = MicroBatches(data.train, t.micro_batch_size, tok.pad_token_id, 0, pad_to=spec.data.sequence_len)
+    model = build_model(spec.model, spec.lora, torch.device("cpu"), len(tok))
+    apply_checkpointing(model, resolve_layers(spec.activation_checkpointing, len(decoder_layers(model))))
+    model.train()
+    net = CausalLMLoss(model, t.loss, t.loss_chunk_tokens)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    memory = PeakMemory(torch.device("cpu"), list(model.parameters()))
+    peak, times = 0.0, []
+    with memory:
+        for _ in range(4):
+            memory.reset()
+            m = train_step(net, model, batches, opt, sched, t, torch.device("cpu"), 1)
+            peak = max(peak, memory.peaks_gib()["peak_allocated_gib"])
+            times.append(m["micro_batch_time_s"])
+    return peak, sorted(times[1:])[1]
+
+
+@pytest.mark.ray
+def test_cpu_search_matches_brute_force(root, tmp_path):
+    from runner.tune import apply_config
+
+    env = {**os.environ, "FITRUN_PROGRESS": "0"}
+    args = [sys.executable, "-m", "runner", "tune", "jobs/tiny-cpu.yaml", "search_spaces/tiny-cpu.yaml",
+            "--set", f"output_dir={tmp_path}/out", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    out = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=900, env=env)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    counts = json.loads(next(line for line in out.stdout.splitlines() if line.startswith('{"trials_run"')).split("; ")[0])
+
+    # Brute force over the whole grid, in this process.
+    os.chdir(root)
+    job = load_job("jobs/tiny-cpu.yaml", ["data.pad_to_sequence_len=true"])
+    space = load_search_space("search_spaces/tiny-cpu.yaml")
+    columns, ks = expand(job, space, 4)
+    limit = space.gpu_memory_gib - space.safety_margin_gib
+    grid = {Config(*col, k): _measure_peak(apply_config(job, Config(*col, k), space.lora_alpha_rule))
+            for col in columns for k in ks}
+    truth = {col: min((k for k in ks if grid[Config(*col, k)][0] <= limit), default=None) for col in columns}
+
+    assert counts["trials_run"] <= 0.4 * counts["grid_size"] == 0.4 * len(grid)
+    assert counts["infeasible"] >= 1
+    winner = load_job(tmp_path / "out/winner.yaml")  # a ready job file
+    w = Config(winner.lora.r, winner.training.micro_batch_size, winner.training.gradient_accumulation_steps,
+               winner.activation_checkpointing.placement, winner.activation_checkpointing.count)
+    assert truth[w.column] == w.k, (w, truth)  # the winner is its column's smallest fitting k
+    # The brute-force optimum is a column's smallest fitting k at the smallest rank (larger ranks are
+    # never faster); when the in-process speeds separate the candidates clearly, it must be the winner.
+    r_min = min(col[0] for col in columns)
+    candidates = {Config(*col, truth[col]) for col in columns if col[0] == r_min and truth[col] is not None}
+    assert w in candidates
+    speed = {c: c.micro_batch_size / grid[c][1] for c in candidates}
+    best = max(speed, key=speed.get)
+    if all(speed[best] > 1.3 * s for c, s in speed.items() if c != best):
+        assert w == best, speed
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("fitrun-tiny")
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    parents = [r for r in runs if r.data.tags.get("fitrun.kind") == "tune"]
+    assert len(parents) == 1 and parents[0].data.tags["winner"] == w.key
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == len(runs) - 1  # every trial (and every pruned config) sits under the one parent
+    statuses = [r.data.tags.get("status") for r in children]
+    assert statuses.count("infeasible") == counts["infeasible"] and "ok" in statuses and "pruned" in statuses
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"winner.yaml", "frontier.png", "frontier.md", "trials.md"} <= artifacts
