@@ -399,6 +399,17 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
     return spec
 
 
+def _predicted_peak(spec: JobSpec) -> float | None:
+    """`fitrun estimate` for this job, logged beside the measured peak; never fails the job."""
+    try:
+        from runner.estimate import estimate
+
+        return estimate(spec).peak_gib
+    except Exception as e:  # an architecture the trace cannot handle: train anyway, say so
+        print(f"warning: memory estimate unavailable ({type(e).__name__}: {e})", flush=True)
+        return None
+
+
 def run_train(spec: JobSpec, resume: bool = True) -> dict[str, Any]:
     """Run the job through a Ray Train TorchTrainer; returns the final summary metrics."""
     import ray.train
@@ -426,6 +437,9 @@ def run_train(spec: JobSpec, resume: bool = True) -> dict[str, Any]:
         run_id_file.write_text(run_id)
     logger = RunLogger(uri, run_id)
     logger.text(dump_yaml(spec), "job.yaml")
+    predicted = _predicted_peak(spec)
+    if predicted is not None:
+        logger.metrics({"predicted_peak_gib": predicted})
     print(f"MLflow run {run_id} ({uri}); output {out}", flush=True)
     if resume_from:
         print(f"resuming from {resume_from}", flush=True)
@@ -453,6 +467,10 @@ def run_train(spec: JobSpec, resume: bool = True) -> dict[str, Any]:
         summary = json.loads((Path(final) / "metrics.json").read_text())
         shutil.copytree(Path(final) / "adapter", adapter)
     logger.artifacts(adapter, "adapter")
+    measured = summary["peak_reserved_gib"] if spec.resources.use_gpu else summary["peak_allocated_gib"]
+    if predicted is not None and measured:
+        # The estimate's error, visible next to the measurement in every run.
+        logger.metrics({"estimate_error_pct": (predicted - measured) / measured * 100})
     logger.end(ok=True)
     done_marker.write_text(json.dumps(summary))
     summary["adapter_dir"] = str(adapter)

@@ -287,7 +287,7 @@ def tune_searcher_class():
             if nxt is None:
                 return None
             self.inner.pending[trial_id] = nxt
-            return {"config": asdict(nxt)}
+            return {"config": asdict(nxt), "predicted_peak_gib": self.inner.predicted.get(nxt.key)}
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
             c = self.inner.pending.pop(trial_id, None)
@@ -391,6 +391,11 @@ def probe_trial(config: dict, job: dict, space: dict, uri: str, parent_run_id: s
                    "peak_gib": None, "tokens_per_s": 0.0}
         ray.tune.report({"score": 0.0, **{k: v for k, v in summary.items() if v is not None}})
     outcome = classify(summary, sp.gpu_memory_gib - sp.safety_margin_gib)
+    if config.get("predicted_peak_gib") is not None:
+        logger.metrics({"predicted_peak_gib": config["predicted_peak_gib"]})
+        if outcome["peak_gib"]:
+            logger.metrics({"estimate_error_pct": (config["predicted_peak_gib"] - outcome["peak_gib"])
+                            / outcome["peak_gib"] * 100})
     logger.metrics({"feasible": float(outcome["feasible"]), "tokens_per_s": outcome["measured_tokens_per_s"]
                     if "measured_tokens_per_s" in outcome else 0.0,
                     **({"peak_gib": outcome["peak_gib"]} if outcome["peak_gib"] is not None else {})})

@@ -52,7 +52,8 @@ def test_mlflow_run_read_back(finished):
     assert run.data.params["lora.r"] == "8" and run.data.params["activation_checkpointing.count"] == "2"
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in losses] == [2, 4, 6, 8]
-    assert {"tokens_per_s", "peak_allocated_gib", "grad_norm", "lr", "eval_loss", "final_tokens_per_s"} <= set(run.data.metrics)
+    assert {"tokens_per_s", "peak_allocated_gib", "grad_norm", "lr", "eval_loss", "final_tokens_per_s",
+            "predicted_peak_gib", "estimate_error_pct"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"job.yaml", "adapter"} <= artifacts
     assert "adapter/adapter_model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}

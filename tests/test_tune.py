@@ -167,3 +167,13 @@ def test_cpu_search_matches_brute_force(root, tmp_path):
     assert statuses.count("infeasible") == counts["infeasible"] and "ok" in statuses and "pruned" in statuses
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"winner.yaml", "frontier.png", "frontier.md", "trials.md"} <= artifacts
+    assert all("predicted_peak_gib" in r.data.metrics for r in children if r.data.tags.get("status") != "pruned"
+               or r.data.params.get("reason") == "estimate")
+
+    # --resume continues the same search: no new parent, no duplicate trial runs, same winner.
+    again = subprocess.run(args + ["--resume"], cwd=root, capture_output=True, text=True, timeout=900, env=env)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "resuming search: 3 trials done" in again.stdout or f"resuming search: {counts['trials_run']} trials done" in again.stdout
+    runs_after = client.search_runs([exp.experiment_id], max_results=500)
+    assert len(runs_after) == len(runs)
+    assert load_job(tmp_path / "out/winner.yaml").activation_checkpointing.count == w.k

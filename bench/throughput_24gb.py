@@ -1,0 +1,169 @@
+"""Issue 5 benchmark, one process after another in one script, each under a 24 GiB per-process cap:
+(1) the seed recipe through HF `Trainer` (gradient checkpointing on all layers, micro-batch 1,
+accumulation 16, bf16, adamw_torch), (2) fitrun's training on the same config, data, seed and global
+batch, (3) fitrun's tuned config. Reports tokens/s, peak reserved GiB, MFU and loss after the same steps.
+
+    PYTHONPATH=. python bench/throughput_24gb.py --steps 6 --out bench/results/throughput-24gb.md
+"""
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+
+GIB = 1024**3
+CAP_GIB = 24.0
+JOB = "jobs/llama3-8b-lora.yaml"
+
+
+def matmul_tflops() -> float:
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12
+
+
+def flops_per_token(seq: int) -> float:
+    """Model FLOPs per token for LoRA on Llama-3-8B (no recompute counted): frozen linears forward +
+    input-gradient backward, attention, LoRA, lm_head (see shared notes, section 9)."""
+    h, inter, layers, vocab, kv = 4096, 14336, 32, 128256, 1024
+    linear = 2 * (h * h * 2 + h * kv * 2 + 3 * h * inter)       # forward multiply-adds x2
+    attention = 4 * (seq / 2) * h
+    return layers * (2 * linear + 3.5 * attention) + 2 * 2 * h * vocab
+
+
+def seed_recipe(steps: int, accum: int) -> dict:
+    """The seed recipe, exactly: HF Trainer, gradient checkpointing (non-reentrant), bf16, adamw_torch."""
+    import torch
+    from datasets import Dataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+    from runner.data import tokenize
+    from runner.model import build_model, build_tokenizer
+    from runner.spec import load_job
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_per_process_memory_fraction(CAP_GIB * GIB / torch.cuda.get_device_properties(0).total_memory)
+    spec = load_job(JOB, ["model.init=random"])
+    tok = build_tokenizer(spec.tokenizer, spec.model)
+    rows = tokenize(spec.data, tok, seed=0).train
+    model = build_model(spec.model, spec.lora, torch.device("cuda" if cuda else "cpu"), len(tok), seed=0)
+    ds = Dataset.from_list(rows)
+    times = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+
+    args = TrainingArguments(output_dir="/tmp/seed", per_device_train_batch_size=1, gradient_accumulation_steps=accum,
+                             bf16=cuda, gradient_checkpointing=True, use_cpu=not cuda,
+                             gradient_checkpointing_kwargs={"use_reentrant": False}, optim="adamw_torch",
+                             learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0, max_steps=steps,
+                             logging_steps=1, save_strategy="no", report_to=[], seed=0, max_grad_norm=1.0,
+                             dataloader_drop_last=True)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=default_data_collator, callbacks=[Clock()])
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    step_s = (times[-1] - times[0]) / (len(times) - 1)
+    return {"tokens_per_s": accum * spec.data.sequence_len / step_s,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else 0.0, "loss": losses[-1],
+            "losses": losses}
+
+
+def fitrun(steps: int, overrides: list[str]) -> dict:
+    from runner.spec import load_job
+    from runner.train import run_train
+
+    import torch
+
+    cap = [f"resources.gpu_memory_gib={CAP_GIB}"] if torch.cuda.is_available() else []
+    spec = load_job(JOB, ["model.init=random", f"training.max_steps={steps}", "training.warmup_steps=0",
+                          "training.save_steps=null", "training.lr_scheduler=cosine", "name=bench-throughput",
+                          "tracking.experiment_name=bench-throughput", *cap, *overrides])
+    s = run_train(spec, resume=False)
+    return {"tokens_per_s": s["tokens_per_s"], "peak_reserved_gib": s["peak_reserved_gib"], "loss": s["loss"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--only", help="internal: run one arm in this process and print its JSON")
+    ap.add_argument("--job", default=JOB, help="a smaller job, to try the script on a CPU")
+    args = ap.parse_args()
+    globals()["JOB"] = args.job
+    if args.only:
+        if args.only == "seed":
+            print("RESULT " + json.dumps(seed_recipe(args.steps, 16)), flush=True)
+        else:
+            arm = ARMS[args.only]
+            print("RESULT " + json.dumps(fitrun(args.steps, arm)), flush=True)
+        return
+    results = {}
+    for name in ["seed", *ARMS]:  # each arm in a fresh process: no allocator state carried over
+        p = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--out", args.out, "--only", name,
+                            "--job", args.job],
+                           capture_output=True, text=True)
+        line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+        results[name] = json.loads(line[7:]) if line else {"error": (p.stdout + p.stderr)[-800:]}
+        print(name, results[name], flush=True)
+    import torch
+
+    if not torch.cuda.is_available():
+        print(json.dumps(results, indent=1))
+        return
+    peak = matmul_tflops()
+    fpt = flops_per_token(2048)
+    base = results["seed"].get("tokens_per_s", float("nan"))
+    p = torch.cuda.get_device_properties(0)
+    lines = [f"# Throughput under a {CAP_GIB:g} GiB cap ({datetime.date.today()})", "",
+             f"- hardware: {p.name}, {p.total_memory / GIB:.0f} GiB, torch {torch.__version__}; measured bf16 matmul "
+             f"{peak:.0f} TFLOP/s (8192^3); model FLOPs/token {fpt / 1e9:.2f} G (no recompute counted)",
+             f"- Llama-3-8B architecture (random init, seed 0), seq 2048 packed shipped data, global batch 16, "
+             f"{args.steps} optimizer steps each, every arm in a fresh process capped at {CAP_GIB:g} GiB",
+             "- command: `PYTHONPATH=. python bench/throughput_24gb.py " f"--steps {args.steps} --out <file>`", "",
+             "| arm | tokens/s | x seed | peak reserved GiB | MFU % | loss at last step |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"| {LABELS[name]} | error | | | | |")
+            continue
+        lines.append(f"| {LABELS[name]} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f} | "
+                     f"{r['peak_reserved_gib']:.2f} | {100 * r['tokens_per_s'] * fpt / (peak * 1e12):.1f} | {r['loss']:.4f} |")
+    tuned = results.get("tuned", {}).get("tokens_per_s", float("nan"))
+    lines += ["", f"speedup_vs_seed_recipe: {tuned / base:.2f}"]
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+ARMS = {
+    "fitrun-same": ["activation_checkpointing.layers=all", "training.loss=hf", "training.micro_batch_size=1",
+                    "training.gradient_accumulation_steps=16"],
+    "fitrun-chunked": ["activation_checkpointing.layers=all", "training.micro_batch_size=1",
+                       "training.gradient_accumulation_steps=16"],
+    "tuned": ["activation_checkpointing.layers=none", "activation_checkpointing.count=28", "lora.r=8",
+              "lora.lora_alpha=16", "training.micro_batch_size=2", "training.gradient_accumulation_steps=8"],
+}
+LABELS = {"seed": "(1) seed recipe: HF Trainer, all layers, mb1 x 16, r16",
+          "fitrun-same": "(2) fitrun, same config (all layers, mb1 x 16, r16, HF loss)",
+          "fitrun-chunked": "(2b) fitrun, same config + chunked loss",
+          "tuned": "(3) fitrun tuned: r8, mb2 x 8, k=28 (fitrun tune, 24 GiB)"}
+
+
+if __name__ == "__main__":
+    main()
