@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -13,19 +14,21 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture()
-def two_node_cluster(tmp_path):
+def two_node_cluster():
     ray = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     port = "6391"
-    head = [ray, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-            f"--temp-dir={tmp_path}/ray", "--disable-usage-stats"]
-    subprocess.run(head, check=True, env=env, capture_output=True, timeout=120)
+    temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's unix sockets live under it
+    loopback = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}",
+                    *loopback], check=True, env=env, capture_output=True, timeout=120)
     try:
-        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--disable-usage-stats"],
-                       check=True, env=env, capture_output=True, timeout=120)
+        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", *loopback], check=True, env=env,
+                       capture_output=True, timeout=120)
         yield f"127.0.0.1:{port}"
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_two_workers_on_two_nodes(root, tmp_path, two_node_cluster):
