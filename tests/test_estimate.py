@@ -1,38 +1,10 @@
 """The memory estimate against measured tensor memory on CPU (same accounting as the GPU allocator)."""
 
 import pytest
-import torch
+from conftest import measure_in_process
 
-from runner.checkpointing import apply_checkpointing, resolve_layers
-from runner.data import MicroBatches, tokenize
 from runner.estimate import estimate, parse_sweep, sweep_k
-from runner.memory import PeakMemory
-from runner.model import build_model, build_tokenizer, decoder_layers
 from runner.spec import load_job
-from runner.train import CausalLMLoss, train_step
-
-
-def measure(spec) -> float:
-    """Peak tensor GiB of the second optimizer step (AdamW state allocated), as the worker measures it."""
-    t = spec.training
-    tok = build_tokenizer(spec.tokenizer, spec.model)
-    data = tokenize(spec.data, tok)
-    pad_to = None if spec.data.packing else spec.data.sequence_len
-    batches = MicroBatches(data.train, t.micro_batch_size, tok.pad_token_id, 0, pad_to=pad_to)
-    model = build_model(spec.model, spec.lora, torch.device("cpu"), len(tok))
-    apply_checkpointing(model, resolve_layers(spec.activation_checkpointing, len(decoder_layers(model))))
-    model.train()
-    net = CausalLMLoss(model, t.loss, t.loss_chunk_tokens)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    memory = PeakMemory(torch.device("cpu"), list(model.parameters()))
-    peak = 0.0
-    with memory:
-        for _ in range(3):
-            memory.reset()
-            train_step(net, model, batches, opt, sched, t, torch.device("cpu"), 1)
-            peak = max(peak, memory.peaks_gib()["peak_allocated_gib"])
-    return peak
 
 
 CASES = {
@@ -51,7 +23,7 @@ def test_estimate_within_5pct_of_measured_cpu_tensor_memory(root, monkeypatch, c
     monkeypatch.chdir(root)
     spec = load_job("jobs/tiny-cpu.yaml", ["training.gradient_accumulation_steps=1", *CASES[case]])
     predicted = estimate(spec, "cpu").peak_gib
-    measured = measure(spec)
+    measured, _ = measure_in_process(spec)
     assert abs(predicted - measured) / measured <= 0.05, (predicted, measured)
 
 

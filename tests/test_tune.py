@@ -5,10 +5,10 @@ import os
 import random
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from conftest import measure_in_process
 from mlflow.tracking import MlflowClient
 
 from runner.spec import SpecError, load_job, load_search_space
@@ -89,34 +89,10 @@ def test_space_problems_reported_before_anything_runs(root, monkeypatch, tmp_pat
 # A real search: CLI -> Ray Tune -> Train-inside-Tune probes on a local CPU cluster -> MLflow
 
 
-def _measure_peak(spec) -> float:
-    """Brute force, in-process: the probe's peak tensor GiB for one config (no ceiling enforced)."""
-    from runner.checkpointing import apply_checkpointing, resolve_layers
-    from runner.data import MicroBatches, tokenize
-    from runner.memory import PeakMemory
-    from runner.model import build_model, build_tokenizer, decoder_layers
-    from runner.train import CausalLMLoss, train_step
-
-    t = spec.training
-    torch.set_num_threads(1)  # as in a Ray worker with one CPU
-    tok = build_tokenizer(spec.tokenizer, spec.model)
-    data = tokenize(spec.data, tok)
-    batches = MicroBatches(data.train, t.micro_batch_size, tok.pad_token_id, 0, pad_to=spec.data.sequence_len)
-    model = build_model(spec.model, spec.lora, torch.device("cpu"), len(tok))
-    apply_checkpointing(model, resolve_layers(spec.activation_checkpointing, len(decoder_layers(model))))
-    model.train()
-    net = CausalLMLoss(model, t.loss, t.loss_chunk_tokens)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    memory = PeakMemory(torch.device("cpu"), list(model.parameters()))
-    peak, times = 0.0, []
-    with memory:
-        for _ in range(4):
-            memory.reset()
-            m = train_step(net, model, batches, opt, sched, t, torch.device("cpu"), 1)
-            peak = max(peak, memory.peaks_gib()["peak_allocated_gib"])
-            times.append(m["micro_batch_time_s"])
-    return peak, sorted(times[1:])[1]
+def _measure(spec) -> tuple[float, float]:
+    """Brute force, in-process and single-threaded like a one-CPU Ray worker: (peak GiB, s/micro-batch)."""
+    torch.set_num_threads(1)
+    return measure_in_process(spec, steps=4, pad_to_full=True)
 
 
 @pytest.mark.ray
@@ -137,7 +113,7 @@ def test_cpu_search_matches_brute_force(root, tmp_path):
     space = load_search_space("search_spaces/tiny-cpu.yaml")
     columns, ks = expand(job, space, 4)
     limit = space.gpu_memory_gib - space.safety_margin_gib
-    grid = {Config(*col, k): _measure_peak(apply_config(job, Config(*col, k), space.lora_alpha_rule))
+    grid = {Config(*col, k): _measure(apply_config(job, Config(*col, k), space.lora_alpha_rule))
             for col in columns for k in ks}
     truth = {col: min((k for k in ks if grid[Config(*col, k)][0] <= limit), default=None) for col in columns}
 
