@@ -383,7 +383,9 @@ def init_ray(address: str | None) -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Workers inherit the driver's environment, so `python -m runner` works without an install too.
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")])),
-                        "FITRUN_PROGRESS": os.environ.get("FITRUN_PROGRESS", "1")}}
+                        "FITRUN_PROGRESS": os.environ.get("FITRUN_PROGRESS", "1"),
+                        # Ray Train 2.60's structured worker logging echoes every printed line twice.
+                        "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0"}}
     ray.init(address=address, runtime_env=env, log_to_driver=True, configure_logging=True, logging_level="WARNING")
 
 

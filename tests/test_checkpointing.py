@@ -32,10 +32,11 @@ def _grads(layers, offload=False):
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("layers", [[0, 1, 2, 3], [1, 3], [2]])
-def test_gradients_identical_to_no_checkpointing(layers):
+@pytest.mark.parametrize("layers,offload", [([0, 1, 2, 3], False), ([1, 3], False), ([2], False),
+                                            ([0, 1, 2, 3], True), ([1, 3], True)])
+def test_gradients_identical_to_no_checkpointing(layers, offload):
     loss_ref, ref = _grads([])
-    loss, got = _grads(layers)
+    loss, got = _grads(layers, offload)  # offload: checkpointed inputs kept in (pinned) host memory
     assert torch.equal(loss_ref, loss)
     assert ref.keys() == got.keys() and len(ref) == 4 * 7 * 2
     for n in ref:
