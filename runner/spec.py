@@ -239,8 +239,8 @@ class SearchSpaceSpec(_Strict):
     safety_margin_gib: float = Field(0.5, ge=0)
     """Headroom kept below the ceiling (CUDA context, fragmentation)."""
     objective: Literal["tokens_per_s"] = "tokens_per_s"
-    searcher: Literal["fit", "random", "optuna"] = "fit"
-    """`fit`: structured smallest-k-that-fits search; `random`/`optuna`: generic, for comparison."""
+    searcher: Literal["fit", "random"] = "fit"
+    """`fit`: structured smallest-k-that-fits search; `random`: generic sampling of the grid, for comparison."""
     num_samples: int = Field(20, gt=0)
     """Trials for the generic searchers."""
     probe_warmup_steps: int = Field(1, ge=0)

@@ -517,7 +517,7 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
         args = (columns, ks, space.gpu_memory_gib, space.safety_margin_gib)
         kw = {"predicted": predicted, "prune_margin_pct": space.prune_margin_pct,
               "prune_dominated": space.prune_dominated}
-        inner = RandomSearcher(*args, num_samples=space.num_samples, **kw) if space.searcher != "fit" \
+        inner = RandomSearcher(*args, num_samples=space.num_samples, **kw) if space.searcher == "random" \
             else FitSearcher(*args, **kw)
     parent = RunLogger(uri, parent_id)
     grid_size = len(columns) * len(ks)
