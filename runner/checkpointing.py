@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from runner.model import decoder_layers, lora_parameters
 from runner.spec import ActivationCheckpointingSpec
@@ -43,9 +43,33 @@ def _offloaded_checkpoint(function, *args, **kwargs):
         return checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 
-def apply_checkpointing(model: torch.nn.Module, layers: list[int], offload: bool = False) -> None:
+_aten = torch.ops.aten
+_ALWAYS_SAVE = {_aten.bmm.default, _aten._scaled_dot_product_flash_attention.default,
+                _aten._scaled_dot_product_efficient_attention.default,
+                _aten._scaled_dot_product_cudnn_attention.default,
+                _aten._scaled_dot_product_flash_attention_for_cpu.default}
+LORA_MAX_RANK = 128
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Keep the expensive outputs (frozen-weight matmuls, attention); recompute everything else.
+    LoRA's rank-r matmuls are cheap, so they are recomputed too."""
+    if op in (_aten.mm.default, _aten.addmm.default):
+        a, b = args[-2], args[-1]
+        if min(a.shape[-1], b.shape[-1]) <= LORA_MAX_RANK:
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.MUST_SAVE if op in _ALWAYS_SAVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_checkpointing(model: torch.nn.Module, layers: list[int], offload: bool = False,
+                        policy: str = "full") -> None:
     """Recompute exactly `layers` in backward (non-reentrant); all other layers save activations."""
-    func = _offloaded_checkpoint if offload else partial(checkpoint, use_reentrant=False)
+    if policy == "selective":
+        func = partial(checkpoint, use_reentrant=False,
+                       context_fn=partial(create_selective_checkpoint_contexts, _selective_policy))
+    else:
+        func = _offloaded_checkpoint if offload else partial(checkpoint, use_reentrant=False)
     chosen = set(layers)
     for i, layer in enumerate(decoder_layers(model)):
         layer._gradient_checkpointing_func = func

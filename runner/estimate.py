@@ -98,7 +98,7 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
     num_layers = len(decoder_layers(model))
     if layers is None:
         layers = resolve_layers(spec.activation_checkpointing, num_layers)
-    apply_checkpointing(model, layers)
+    apply_checkpointing(model, layers, policy=spec.activation_checkpointing.policy)
     net = CausalLMLoss(model, spec.training.loss, spec.training.loss_chunk_tokens)
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]

@@ -105,9 +105,14 @@ class ActivationCheckpointingSpec(_Strict):
     """Where `count` layers go: the first k, the last k, or evenly spaced."""
     offload: bool = False
     """Keep checkpointed layer inputs in pinned CPU memory instead of on the GPU."""
+    policy: Literal["full", "selective"] = "full"
+    """Inside a checkpointed layer: `full` recomputes everything; `selective` keeps matmul and
+    attention outputs and recomputes only the cheap ops (norms, activations, casts, RoPE)."""
 
     @model_validator(mode="after")
     def _count_or_layers(self) -> "ActivationCheckpointingSpec":
+        if self.offload and self.policy == "selective":
+            raise ValueError("activation_checkpointing.offload works with policy: full only")
         if self.count is not None and self.layers != "none":
             raise ValueError("set either activation_checkpointing.layers or activation_checkpointing.count, not both")
         if isinstance(self.layers, list):

@@ -110,7 +110,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_model(spec.model, spec.lora, device, vocab_size=len(tok), seed=t.seed)
     num_layers = len(decoder_layers(model))
     layers = resolve_layers(spec.activation_checkpointing, num_layers)
-    apply_checkpointing(model, layers, spec.activation_checkpointing.offload and device.type == "cuda")
+    apply_checkpointing(model, layers, spec.activation_checkpointing.offload and device.type == "cuda",
+                        spec.activation_checkpointing.policy)
     model.train()
     say(f"activation checkpointing: {len(layers)}/{num_layers} layers {layers}")
     if t.check_gradient_flow:

@@ -64,7 +64,8 @@ def measure_in_process(spec, steps: int = 3, pad_to_full: bool = False) -> tuple
     pad_to = spec.data.sequence_len if pad_to_full or not spec.data.packing else None
     batches = MicroBatches(data.train, t.micro_batch_size, tok.pad_token_id, 0, pad_to=pad_to)
     model = build_model(spec.model, spec.lora, torch.device("cpu"), len(tok))
-    apply_checkpointing(model, resolve_layers(spec.activation_checkpointing, len(decoder_layers(model))))
+    ac = spec.activation_checkpointing
+    apply_checkpointing(model, resolve_layers(ac, len(decoder_layers(model))), policy=ac.policy)
     model.train()
     net = CausalLMLoss(model, t.loss, t.loss_chunk_tokens)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

@@ -24,9 +24,9 @@ def test_resolve_layers(spec, expected):
     assert resolve_layers(spec, 8) == expected
 
 
-def _grads(layers, offload=False):
+def _grads(layers, offload=False, policy="full"):
     model = tiny_model(num_layers=4)
-    apply_checkpointing(model, layers, offload)
+    apply_checkpointing(model, layers, offload, policy)
     out = model(**tiny_batch())
     out.loss.backward()
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -82,3 +82,27 @@ def test_gradient_flow_check_catches_a_cut_graph():
         layer.gradient_checkpointing = True
     with pytest.raises(RuntimeError, match=r"gradient-flow check failed: 28 of 56 LoRA parameters"):
         check_gradient_flow(model, tiny_batch())
+
+
+@pytest.mark.parametrize("layers", [[0, 1, 2, 3], [1, 2]])
+def test_selective_recompute_same_gradients(layers):
+    loss_ref, ref = _grads([])
+    loss, got = _grads(layers, policy="selective")
+    torch.testing.assert_close(loss, loss_ref)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_selective_recompute_memory_between_full_and_none(root, monkeypatch):
+    from conftest import measure_in_process
+
+    from runner.spec import load_job
+
+    monkeypatch.chdir(root)
+    peaks = {}
+    for name, extra in {"none": ["activation_checkpointing.count=0"],
+                        "selective": ["activation_checkpointing.count=4", "activation_checkpointing.policy=selective"],
+                        "full": ["activation_checkpointing.count=4"]}.items():
+        spec = load_job("jobs/tiny-cpu.yaml", ["training.gradient_accumulation_steps=1", "lora.r=4", *extra])
+        peaks[name] = measure_in_process(spec)[0]
+    assert peaks["full"] < peaks["selective"] < peaks["none"], peaks

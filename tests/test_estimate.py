@@ -13,6 +13,7 @@ CASES = {
     "last-2": ["activation_checkpointing.count=2", "activation_checkpointing.placement=last"],
     "every_n-3": ["activation_checkpointing.count=3", "activation_checkpointing.placement=every_n"],
     "all": ["activation_checkpointing.count=4"],
+    "selective-4": ["activation_checkpointing.count=4", "activation_checkpointing.policy=selective"],
     "hf-loss-packed-r16": ["activation_checkpointing.count=1", "training.loss=hf", "data.packing=true",
                            "lora.r=16", "data.format=alpaca", "data.path=data/instructions.alpaca.jsonl"],
 }
