@@ -229,12 +229,16 @@ class CheckpointDimension(_Strict):
     """Placement strategies to try for each k."""
     layer_sets: list[list[int]] = []
     """Explicit layer sets to try as well."""
+    policies: list[Literal["full", "selective"]] | None = None
+    """Recompute policies to try (default: the job's): selective keeps matmul outputs, costs memory, saves time."""
 
 
 class SearchSpaceSpec(_Strict):
     activation_checkpointing: CheckpointDimension = CheckpointDimension()
     lora_r: list[int] | None = None
     """LoRA ranks to try; default: the job's."""
+    adapter_dtypes: list[Literal["float32", "model"]] | None = None
+    """LoRA adapter dtypes to try (default: the job's); `model` (bf16 on GPU) saves memory."""
     lora_alpha_rule: str = "2*r"
     """lora_alpha as a function of r: `2*r`, `r`, `16` (a constant), ..."""
     gradient_accumulation_steps: list[int] | None = None

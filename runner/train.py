@@ -386,7 +386,10 @@ def init_ray(address: str | None) -> None:
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")])),
                         "FITRUN_PROGRESS": os.environ.get("FITRUN_PROGRESS", "1"),
                         # Ray Train 2.60's structured worker logging echoes every printed line twice.
-                        "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0"}}
+                        "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
+                        # On a busy 2-core machine a worker group can take over Ray's default 60 s to start.
+                        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get(
+                            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")}}
     ray.init(address=address, runtime_env=env, log_to_driver=True, configure_logging=True, logging_level="WARNING")
 
 

@@ -34,14 +34,24 @@ class Config:
     gradient_accumulation_steps: int
     placement: str
     k: int
+    policy: str = "full"            # activation_checkpointing.policy
+    adapter_dtype: str = "float32"  # lora.adapter_dtype
 
     @property
     def key(self) -> str:
-        return f"r{self.r}-mb{self.micro_batch_size}-acc{self.gradient_accumulation_steps}-{self.placement}-k{self.k}"
+        extra = ("-selective" if self.policy == "selective" else "") + ("-bf16adapters" if self.adapter_dtype == "model" else "")
+        return f"r{self.r}-mb{self.micro_batch_size}-acc{self.gradient_accumulation_steps}-{self.placement}{extra}-k{self.k}"
 
     @property
     def column(self) -> tuple:
-        return (self.r, self.micro_batch_size, self.gradient_accumulation_steps, self.placement)
+        """Everything but k: (r, micro, accum, placement, policy, adapter_dtype)."""
+        return (self.r, self.micro_batch_size, self.gradient_accumulation_steps, self.placement, self.policy,
+                self.adapter_dtype)
+
+
+def at_k(column: tuple, k: int) -> Config:
+    r, mb, acc, placement, *rest = column
+    return Config(r, mb, acc, placement, k, *rest)
 
 
 def alpha_for(rule: str, r: int) -> float:
@@ -55,15 +65,18 @@ def alpha_for(rule: str, r: int) -> float:
 def apply_config(job: JobSpec, c: Config, alpha_rule: str) -> JobSpec:
     """The job with a config's values: what a trial runs and what the winner's YAML holds."""
     raw = job.to_dict()
-    raw["lora"].update(r=c.r, lora_alpha=alpha_for(alpha_rule, c.r))
+    raw["lora"].update(r=c.r, lora_alpha=alpha_for(alpha_rule, c.r), adapter_dtype=c.adapter_dtype)
     raw["training"].update(micro_batch_size=c.micro_batch_size, gradient_accumulation_steps=c.gradient_accumulation_steps)
     raw["activation_checkpointing"] = {**raw["activation_checkpointing"], "layers": "none", "count": c.k,
-                                       "placement": c.placement}
+                                       "placement": c.placement, "policy": c.policy}
+    if c.policy == "selective":
+        raw["activation_checkpointing"]["offload"] = False
     return job_from_dict(raw, "tuned job")
 
 
 def expand(job: JobSpec, space: SearchSpaceSpec, num_layers: int) -> tuple[list[tuple], list[int]]:
-    """The columns (r, micro, accum, placement) and the k values; all problems reported at once."""
+    """The columns (r, micro, accum, placement, policy, adapter dtype) and the k values; all problems
+    reported at once."""
     problems = []
     workers = job.resources.num_workers
     global_batch = job.global_batch_size
@@ -100,8 +113,10 @@ def expand(job: JobSpec, space: SearchSpaceSpec, num_layers: int) -> tuple[list[
     if problems:
         raise SpecError("search space", problems)
     rs = space.lora_r or [job.lora.r]
-    columns = [(r, global_batch // (a * workers), a, p) for r in sorted(rs) for a in sorted(accums, reverse=True)
-               for p in ac.placements]
+    policies = ac.policies or [job.activation_checkpointing.policy]
+    adapter_dtypes = space.adapter_dtypes or [job.lora.adapter_dtype]
+    columns = [(r, global_batch // (a * workers), a, p, pol, ad) for ad in adapter_dtypes for pol in policies
+               for r in sorted(rs) for a in sorted(accums, reverse=True) for p in ac.placements]
     return columns, ks
 
 
@@ -110,8 +125,9 @@ def expand(job: JobSpec, space: SearchSpaceSpec, num_layers: int) -> tuple[list[
 
 
 def _dominates_memory(a: Config, b: Config) -> bool:
-    """b needs at least as much memory as a (same placement): larger r, micro-batch, fewer checkpoints."""
-    return (a.placement == b.placement and b.r >= a.r and b.micro_batch_size >= a.micro_batch_size
+    """b needs at least as much memory as a (same placement, policy, adapter dtype): larger r and
+    micro-batch, fewer checkpointed layers."""
+    return (a.column[3:] == b.column[3:] and b.r >= a.r and b.micro_batch_size >= a.micro_batch_size
             and b.k <= a.k)
 
 
@@ -136,8 +152,7 @@ class FitSearcher:
         self.prune_dominated = prune_dominated
 
     def _config(self, column: tuple, k: int) -> Config:
-        r, mb, acc, p = column
-        return Config(r, mb, acc, p, k)
+        return at_k(column, k)
 
     def known(self, c: Config) -> bool | None:
         """True/False if measured or implied by a measured result; None if unknown."""
@@ -280,8 +295,8 @@ def tune_searcher_class():
             if self.on_pruned:
                 for key in set(self.inner.pruned) - before:
                     self.on_pruned(key, self.inner.pruned[key])
-                for r, mb, acc, p in set(self.inner.dominated) - before_columns:
-                    self.on_pruned(f"r{r}-mb{mb}-acc{acc}-{p}-dominated", None)
+                for column in set(self.inner.dominated) - before_columns:
+                    self.on_pruned(at_k(column, 0).key.removesuffix("-k0") + "-dominated", None)
             if nxt == "done":
                 return Searcher.FINISHED
             if nxt is None:
@@ -359,6 +374,7 @@ def probe_trial(config: dict, job: dict, space: dict, uri: str, parent_run_id: s
     if run_id is None:  # a resumed search reuses the trial's run: no duplicates
         run_id = start_run(uri, spec.tracking.experiment_name, run_name, parent_run_id=parent_run_id,
                            params={"r": c.r, "lora_alpha": spec.lora.lora_alpha, "k": c.k, "placement": c.placement,
+                                   "policy": c.policy, "adapter_dtype": c.adapter_dtype,
                                    "micro_batch_size": c.micro_batch_size,
                                    "gradient_accumulation_steps": c.gradient_accumulation_steps,
                                    "checkpointed_layers": c.k},
@@ -426,19 +442,21 @@ def predict_all(job: JobSpec, space: SearchSpaceSpec, columns, ks, target: str) 
     num_layers = model_config(job.model, allow_builtin=True).num_hidden_layers
     anchors = sorted({min(ks), max(ks)})
     futures = {}
-    for (r, mb, acc, p) in columns:
-        spec = apply_config(job, Config(r, mb, acc, p, 0), space.lora_alpha_rule)
+    def trace_key(column, k):  # accumulation does not move memory: one trace serves all of them
+        return column[:2] + column[3:] + (k,)
+
+    for column in columns:
+        spec = apply_config(job, at_k(column, 0), space.lora_alpha_rule)
         for k in anchors:
-            key = (r, mb, p, k)
-            if key not in futures:
-                futures[key] = trace.remote(spec.to_dict(), k, p, num_layers)
+            if trace_key(column, k) not in futures:
+                futures[trace_key(column, k)] = trace.remote(spec.to_dict(), k, column[3], num_layers)
     values = dict(zip(futures, ray.get(list(futures.values()))))
     out = {}
-    for (r, mb, acc, p) in columns:
-        lo, hi = values[(r, mb, p, anchors[0])], values[(r, mb, p, anchors[-1])]
+    for column in columns:
+        lo, hi = values[trace_key(column, anchors[0])], values[trace_key(column, anchors[-1])]
         for k in ks:
             w = 0.0 if len(anchors) == 1 else (k - anchors[0]) / (anchors[-1] - anchors[0])
-            out[Config(r, mb, acc, p, k).key] = lo * (1 - w) + hi * w
+            out[at_k(column, k).key] = lo * (1 - w) + hi * w
     return out
 
 
@@ -637,7 +655,7 @@ def _summarise(job, space, inner, winner, speed, speed_source, grid_size, starte
     for key, gib in sorted(inner.pruned.items()):
         lines.append(f"| {key} | pruned (predicted {gib:.3f} GiB) | - | - | - | - |")
     for column in inner.dominated:
-        lines.append(f"| r{column[0]}-mb{column[1]}-acc{column[2]}-{column[3]}-* | pruned (dominated by a smaller rank) "
+        lines.append(f"| {at_k(column, 0).key.removesuffix('-k0')}-* | pruned (dominated by a smaller rank) "
                      f"| - | - | - | - |")
     table = "\n".join(lines)
     front_lines = ["| config | peak GiB | tokens/s |", "| --- | --- | --- |"] + \

@@ -12,7 +12,7 @@ from conftest import measure_in_process
 from mlflow.tracking import MlflowClient
 
 from runner.spec import SpecError, load_job, load_search_space
-from runner.tune import Config, FitSearcher, classify, expand
+from runner.tune import Config, FitSearcher, at_k, classify, expand
 
 CEILING = 24.0
 
@@ -25,7 +25,7 @@ def oracle_gib(c: Config) -> float:
 def brute_force_min_k(columns, ks, limit):
     best = {}
     for col in columns:
-        fits = [k for k in ks if oracle_gib(Config(*col, k)) <= limit]
+        fits = [k for k in ks if oracle_gib(at_k(col, k)) <= limit]
         best[col] = min(fits) if fits else None
     return best
 
@@ -48,10 +48,10 @@ def drive(searcher: FitSearcher, check_pruning: bool = True) -> list[Config]:
 
 @pytest.mark.parametrize("use_estimate", [True, False])
 def test_fit_searcher_finds_every_columns_smallest_fitting_k(use_estimate):
-    columns = [(r, 16 // a, a, "first") for r in (8, 16, 32, 64) for a in (16, 8, 4, 2)]
+    columns = [(r, 16 // a, a, "first", "full", "float32") for r in (8, 16, 32, 64) for a in (16, 8, 4, 2)]
     ks = list(range(33))
     rng = random.Random(0)
-    predicted = {Config(*col, k).key: oracle_gib(Config(*col, k)) * rng.uniform(0.97, 1.03)
+    predicted = {at_k(col, k).key: oracle_gib(at_k(col, k)) * rng.uniform(0.97, 1.03)
                  for col in columns for k in ks} if use_estimate else {}
     searcher = FitSearcher(columns, ks, CEILING, 0.5, predicted, prune_margin_pct=8, prune_dominated=False)
     launched = drive(searcher)
@@ -65,11 +65,11 @@ def test_fit_searcher_finds_every_columns_smallest_fitting_k(use_estimate):
 
 
 def test_dominated_ranks_are_not_probed():
-    columns = [(r, 1, 16, "first") for r in (8, 16, 64)]
+    columns = [(r, 1, 16, "first", "full", "float32") for r in (8, 16, 64)]
     searcher = FitSearcher(columns, list(range(33)), CEILING, 0.5)
     launched = drive(searcher)
     assert {c.r for c in launched} == {8}
-    assert set(searcher.dominated) == {(16, 1, 16, "first"), (64, 1, 16, "first")}
+    assert set(searcher.dominated) == {(16, 1, 16, "first", "full", "float32"), (64, 1, 16, "first", "full", "float32")}
 
 
 def test_space_problems_reported_before_anything_runs(root, monkeypatch, tmp_path):
@@ -113,20 +113,21 @@ def test_cpu_search_matches_brute_force(root, tmp_path):
     space = load_search_space("search_spaces/tiny-cpu.yaml")
     columns, ks = expand(job, space, 4)
     limit = space.gpu_memory_gib - space.safety_margin_gib
-    grid = {Config(*col, k): _measure(apply_config(job, Config(*col, k), space.lora_alpha_rule))
+    grid = {at_k(col, k): _measure(apply_config(job, at_k(col, k), space.lora_alpha_rule))
             for col in columns for k in ks}
-    truth = {col: min((k for k in ks if grid[Config(*col, k)][0] <= limit), default=None) for col in columns}
+    truth = {col: min((k for k in ks if grid[at_k(col, k)][0] <= limit), default=None) for col in columns}
 
     assert counts["trials_run"] <= 0.4 * counts["grid_size"] == 0.4 * len(grid)
     assert counts["infeasible"] >= 1
     winner = load_job(tmp_path / "out/winner.yaml")  # a ready job file
     w = Config(winner.lora.r, winner.training.micro_batch_size, winner.training.gradient_accumulation_steps,
-               winner.activation_checkpointing.placement, winner.activation_checkpointing.count)
+               winner.activation_checkpointing.placement, winner.activation_checkpointing.count,
+               winner.activation_checkpointing.policy, winner.lora.adapter_dtype)
     assert truth[w.column] == w.k, (w, truth)  # the winner is its column's smallest fitting k
     # The brute-force optimum is a column's smallest fitting k at the smallest rank (larger ranks are
     # never faster); when the in-process speeds separate the candidates clearly, it must be the winner.
     r_min = min(col[0] for col in columns)
-    candidates = {Config(*col, truth[col]) for col in columns if col[0] == r_min and truth[col] is not None}
+    candidates = {at_k(col, truth[col]) for col in columns if col[0] == r_min and truth[col] is not None}
     assert w in candidates
     speed = {c.key: c.micro_batch_size / grid[c][1] for c in candidates}
     best = max(speed, key=speed.get)
@@ -159,7 +160,7 @@ def test_cpu_search_matches_brute_force(root, tmp_path):
 def test_random_searcher_is_a_plain_baseline():
     from runner.tune import RandomSearcher
 
-    columns = [(r, 16 // a, a, "first") for r in (8, 16) for a in (16, 8)]
+    columns = [(r, 16 // a, a, "first", "full", "float32") for r in (8, 16) for a in (16, 8)]
     searcher = RandomSearcher(columns, list(range(33)), CEILING, 0.5, num_samples=10, seed=1)
     launched = drive(searcher, check_pruning=False)  # a baseline: it uses no structure
     assert len(launched) == len({c.key for c in launched}) == 10
