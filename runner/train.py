@@ -382,14 +382,14 @@ def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")  # read where the trainer is built
     # Workers inherit the driver's environment, so `python -m runner` works without an install too.
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")])),
                         "FITRUN_PROGRESS": os.environ.get("FITRUN_PROGRESS", "1"),
                         # Ray Train 2.60's structured worker logging echoes every printed line twice.
                         "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
                         # On a busy 2-core machine a worker group can take over Ray's default 60 s to start.
-                        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get(
-                            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")}}
+                        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"]}}
     ray.init(address=address, runtime_env=env, log_to_driver=True, configure_logging=True, logging_level="WARNING")
 
 
