@@ -7,8 +7,6 @@ checkpointing none / all / first-16, N steps each, in one process. Writes a mark
 import argparse
 import datetime
 import json
-import os
-import subprocess
 from pathlib import Path
 
 from runner.spec import load_job

@@ -14,9 +14,9 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 import pickle
 import random
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -525,8 +525,6 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
     else:
         for f in (parent_file, state_file):
             f.unlink(missing_ok=True)
-        import shutil
-
         shutil.rmtree(storage, ignore_errors=True)
         parent_id = start_run(uri, experiment, f"tune-{job.name}", params={"space": space.model_dump(mode="json"),
                               "job": job.name, "ceiling_gib": space.gpu_memory_gib}, tags={"fitrun.kind": "tune"})
@@ -583,12 +581,15 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
     exclusive_configs += [c for c in extra_exclusive if c not in exclusive_configs]
     if exclusive_configs:
         exclusive = _run_exclusive(exclusive_configs, job, space, uri, parent_id, storage)
-    speed_source = "exclusive" if n_concurrent > 1 else "packed (one trial at a time: uncontended)"
+    speed_source = "exclusive" if exclusive and n_concurrent > 1 else \
+        "packed (one trial at a time: uncontended)" if n_concurrent == 1 else "packed (contended)"
 
     def speed(res: dict) -> float:
+        """Uncontended tokens/s: the exclusive re-measurement, else the probe's own (one trial at a time)."""
         ex = exclusive.get(res["config"].key)
-        return ex["tokens_per_s"] if ex and ex["feasible"] else res["tokens_per_s"] if not exclusive else \
-            (res["tokens_per_s"] if n_concurrent == 1 else 0.0)
+        if ex is not None:
+            return ex["tokens_per_s"] if ex["feasible"] else 0.0
+        return res["tokens_per_s"]
 
     ranked = sorted(finalists, key=speed, reverse=True)
     winner = ranked[0] if ranked else None
@@ -661,7 +662,7 @@ def _summarise(job, space, inner, winner, speed, speed_source, grid_size, starte
     front_lines = ["| config | peak GiB | tokens/s |", "| --- | --- | --- |"] + \
         [f"| {p['config'].key} | {p['peak_gib']:.3f} | {p['tokens_per_s']:,.0f} |" for p in front]
     print("\n" + table, flush=True)
-    print(f"\nfrontier (memory vs packed speed):\n" + "\n".join(front_lines))
+    print("\nfrontier (memory vs packed speed):\n" + "\n".join(front_lines))
     print(f"\n{json.dumps(counts)}; tune_wall_s: {wall_s:.0f}")
     summary: dict[str, Any] = {**counts, "tune_wall_s": wall_s, "frontier": [p["config"].key for p in front],
                                "speed_source": speed_source, "table": table}
