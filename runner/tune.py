@@ -288,6 +288,7 @@ def tune_searcher_class():
         def __init__(self, inner: FitSearcher, on_result=None, on_pruned=None):
             super().__init__(metric="score", mode="max")
             self.inner, self.on_result, self.on_pruned = inner, on_result, on_pruned
+            self.finished = False
 
         def suggest(self, trial_id: str):
             before, before_columns = set(self.inner.pruned), set(self.inner.dominated)
@@ -298,6 +299,7 @@ def tune_searcher_class():
                 for column in set(self.inner.dominated) - before_columns:
                     self.on_pruned(at_k(column, 0).key.removesuffix("-k0") + "-dominated", None)
             if nxt == "done":
+                self.finished = True
                 return Searcher.FINISHED
             if nxt is None:
                 return None
@@ -573,6 +575,9 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
     tuner.fit()
     inner = searcher.inner
     state_file.write_bytes(pickle.dumps(inner))
+    if not searcher.finished:  # stopped early (Ctrl-C): keep the state, report nothing as final
+        print(f"search interrupted after {len(inner.results)} trial(s); continue it with --resume", flush=True)
+        raise SystemExit(130)
 
     # -- rank finalists by uncontended speed ---------------------------------------------------
     finalists = sorted(inner.best_per_column(), key=lambda res: -res["tokens_per_s"])[:space.exclusive_finalists]
@@ -692,9 +697,16 @@ def _summarise(job, space, inner, winner, speed, speed_source, grid_size, starte
     print(f"\nwinner: {c.key}  {tokens_per_s:,.0f} tokens/s ({speed_source}), peak {winner['peak_gib']:.3f} GiB; "
           f"job written to {path}  (fitrun train {path})")
     if price:
+        from runner.data import tokenize
+        from runner.model import build_tokenizer
+
         per_m = price / 3600 / tokens_per_s * 1e6
-        print(f"cost: ${per_m:.4f} per 1M tokens at ${price}/GPU-hour")
-        summary["usd_per_million_tokens"] = per_m
+        tokens_per_epoch = tokenize(job.data, build_tokenizer(job.tokenizer, job.model)).num_train_tokens
+        gpus = job.resources.num_workers if job.resources.use_gpu else 1
+        per_epoch = price * gpus / 3600 * tokens_per_epoch / tokens_per_s
+        print(f"cost: ${per_m:.4f} per 1M tokens, ${per_epoch:.4f} per epoch ({tokens_per_epoch:,} tokens) "
+              f"at ${price}/GPU-hour")
+        summary.update(usd_per_million_tokens=per_m, usd_per_epoch=per_epoch)
     summary.update(winner=c.key, winner_config=asdict(c), winner_tokens_per_s=tokens_per_s,
                    winner_peak_gib=winner["peak_gib"], winner_path=str(path), exclusive={k: v for k, v in exclusive.items()})
     return summary

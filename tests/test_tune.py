@@ -102,9 +102,11 @@ def test_cpu_search_matches_brute_force(root, tmp_path):
     env = {**os.environ, "FITRUN_PROGRESS": "0"}
     args = [sys.executable, "-m", "runner", "tune", "jobs/tiny-cpu.yaml", "search_spaces/tiny-cpu.yaml",
             "--set", f"output_dir={tmp_path}/out", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
-    out = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=900, env=env)
+    out = subprocess.run(args + ["--gpu-hour-price", "2.5"], cwd=root, capture_output=True, text=True, timeout=900,
+                         env=env)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
+    assert "per 1M tokens" in out.stdout and "per epoch" in out.stdout
     counts = json.loads(next(line for line in out.stdout.splitlines() if line.startswith('{"trials_run"')).split("; ")[0])
 
     # Brute force over the whole grid, in this process.
@@ -164,3 +166,33 @@ def test_random_searcher_is_a_plain_baseline():
     searcher = RandomSearcher(columns, list(range(33)), CEILING, 0.5, num_samples=10, seed=1)
     launched = drive(searcher, check_pruning=False)  # a baseline: it uses no structure
     assert len(launched) == len({c.key for c in launched}) == 10
+
+
+@pytest.mark.ray
+def test_interrupted_search_resumes_without_duplicates(root, tmp_path):
+    import signal
+    from collections import Counter
+
+    env = {**os.environ, "FITRUN_PROGRESS": "0"}
+    args = [sys.executable, "-m", "runner", "tune", "jobs/tiny-cpu.yaml", "search_spaces/tiny-cpu.yaml",
+            "--set", f"output_dir={tmp_path}/out", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    proc = subprocess.Popen(args, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen = []
+    for line in proc.stdout:  # Ctrl-C as soon as the first trial is done
+        seen.append(line)
+        if line.startswith("trial "):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, "".join(seen)[-3000:] + rest[-3000:]
+    assert "search interrupted after 1 trial(s)" in rest
+
+    out = subprocess.run(args + ["--resume"], cwd=root, capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert "resuming search: 1 trials done" in out.stdout and "winner: " in out.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("fitrun-tiny").experiment_id], max_results=500)
+    per_config = Counter(r.data.tags.get("fitrun_config") for r in runs if r.data.tags.get("fitrun.kind") == "trial")
+    assert per_config and max(per_config.values()) == 1  # the interrupted trial's run was reused, not duplicated
+    assert sum(r.data.tags.get("fitrun.kind") == "tune" for r in runs) == 1
+    assert all(r.info.status == "FINISHED" for r in runs)
