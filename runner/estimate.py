@@ -153,9 +153,10 @@ def sweep_k(spec: JobSpec, ks: list[int], target: str | None = None, placement: 
 
     placement = placement or spec.activation_checkpointing.placement
     ks = sorted(set(ks))
+    num_layers = model_config(spec.model, allow_builtin=True).num_hidden_layers
 
     def one(k: int) -> Estimate:
-        layers = place(ActivationCheckpointingSpec(count=k, placement=placement), _num_layers(spec))
+        layers = place(ActivationCheckpointingSpec(count=k, placement=placement), num_layers)
         return estimate(spec, target, layers)
 
     if exact or len(ks) <= 3:
@@ -177,10 +178,6 @@ def sweep_k(spec: JobSpec, ks: list[int], target: str | None = None, placement: 
                           peak_allocated_gib=a.peak_allocated_gib * (1 - w) + c.peak_allocated_gib * w,
                           peak_reserved_gib=a.peak_reserved_gib * (1 - w) + c.peak_reserved_gib * w)
     return out
-
-
-def _num_layers(spec: JobSpec) -> int:
-    return model_config(spec.model, allow_builtin=True).num_hidden_layers
 
 
 def parse_sweep(text: str) -> list[int]:

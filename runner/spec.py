@@ -344,13 +344,17 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     return spec
 
 
+# Fields that hold a local path or a hub id.
+PATH_FIELDS = (("data", "path"), ("model", "name_or_path"), ("tokenizer", "name_or_path"))
+
+
 def _check_paths(spec: JobSpec, source: str) -> None:
     """Local paths that look local must exist (hub ids have no leading ./ or /, and no file suffix)."""
     problems = []
-    for field, value in (("data.path", spec.data.path), ("model.name_or_path", spec.model.name_or_path),
-                         ("tokenizer.name_or_path", spec.tokenizer.name_or_path)):
+    for section, field in PATH_FIELDS:
+        value = getattr(getattr(spec, section), field)
         if value and _looks_local(value) and not Path(value).exists():
-            problems.append(f"{field}: local path {value!r} does not exist")
+            problems.append(f"{section}.{field}: local path {value!r} does not exist")
     if problems:
         raise SpecError(source, problems)
 

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from runner.checkpointing import apply_checkpointing, check_gradient_flow, resolve_layers
-from runner.data import IGNORE, MicroBatches, tokenize
+from runner.data import IGNORE, MicroBatches, collate, tokenize
 from runner.memory import PeakMemory, cap_gpu_memory
 from runner.model import build_model, build_tokenizer, decoder_layers
-from runner.spec import JobSpec, dump_yaml, job_from_dict
+from runner.spec import PATH_FIELDS, JobSpec, dump_yaml, job_from_dict
 from runner.tracking import RunLogger, start_run, tracking_uri
 
 STATE_FILE = "state.json"
@@ -254,8 +254,6 @@ def train_step(net, model, batches, optimizer, scheduler, t, device, world_size)
 
 @torch.no_grad()
 def evaluate(net, rows, pad_id, micro_batch_size, device) -> float:
-    from runner.data import collate
-
     was_training = net.training
     net.eval()
     total, count = 0.0, 0
@@ -366,8 +364,6 @@ def _sync(device: torch.device) -> None:
 
 
 def collate_first(batches: MicroBatches, device) -> dict[str, torch.Tensor]:
-    from runner.data import collate
-
     first = collate([batches.rows[0]], batches.pad_id)
     return {k: v.to(device) for k, v in first.items()}
 
@@ -396,7 +392,7 @@ def init_ray(address: str | None) -> None:
 def absolute_paths(spec: JobSpec) -> JobSpec:
     """Local paths become absolute so Ray workers (other cwd) read the same files."""
     spec = spec.model_copy(deep=True)
-    for section, field in (("data", "path"), ("model", "name_or_path"), ("tokenizer", "name_or_path")):
+    for section, field in PATH_FIELDS:
         obj = getattr(spec, section)
         value = getattr(obj, field)
         if value and Path(value).exists():

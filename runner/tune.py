@@ -425,7 +425,7 @@ def probe_trial(config: dict, job: dict, space: dict, uri: str, parent_run_id: s
 # Driver
 
 
-def predict_all(job: JobSpec, space: SearchSpaceSpec, columns, ks, target: str) -> dict[str, float]:
+def predict_all(job: JobSpec, space: SearchSpaceSpec, columns, ks, target: str, num_layers: int) -> dict[str, float]:
     """Estimated peak (GiB) of every grid config: two traces per (r, micro, placement), k interpolated."""
     import ray
 
@@ -439,9 +439,6 @@ def predict_all(job: JobSpec, space: SearchSpaceSpec, columns, ks, target: str) 
         layers = resolve_layers(ActivationCheckpointingSpec(count=k, placement=placement), num_layers)
         return estimate(spec, target, layers).peak_gib
 
-    from runner.model import model_config
-
-    num_layers = model_config(job.model, allow_builtin=True).num_hidden_layers
     anchors = sorted({min(ks), max(ks)})
     futures = {}
     def trace_key(column, k):  # accumulation does not move memory: one trace serves all of them
@@ -531,7 +528,7 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
         parent_id = start_run(uri, experiment, f"tune-{job.name}", params={"space": space.model_dump(mode="json"),
                               "job": job.name, "ceiling_gib": space.gpu_memory_gib}, tags={"fitrun.kind": "tune"})
         parent_file.write_text(parent_id)
-        predicted = predict_all(job, space, columns, ks, target) if space.prune_with_estimate else {}
+        predicted = predict_all(job, space, columns, ks, target, num_layers) if space.prune_with_estimate else {}
         args = (columns, ks, space.gpu_memory_gib, space.safety_margin_gib)
         kw = {"predicted": predicted, "prune_margin_pct": space.prune_margin_pct,
               "prune_dominated": space.prune_dominated}
