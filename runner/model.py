@@ -100,13 +100,39 @@ def wrap_lora(base: torch.nn.Module, lora: LoraSpec, seed: int = 0) -> PeftModel
     torch.manual_seed(seed + 1)
     config = LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                         target_modules=lora.target_modules, task_type="CAUSAL_LM", bias="none")
-    model = get_peft_model(base, config, autocast_adapter_dtype=lora.adapter_dtype == "float32")
+    model = get_peft_model(base, config, autocast_adapter_dtype=lora.adapter_dtype != "model")
     if lora.adapter_dtype == "model":
         dtype = next(base.parameters()).dtype
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.to(dtype)
+    if lora.adapter_dtype == "mixed":
+        compute_adapters_in_input_dtype(model)
     return model
+
+
+def _linear_in_input_dtype(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
+def compute_adapters_in_input_dtype(model: torch.nn.Module) -> None:
+    """fp32 adapter weights (and so fp32 gradients and optimizer state), bf16 compute.
+
+    peft casts each adapter's input to the adapter's dtype, so q, k and v each save their own fp32
+    copy of one input. Here the input stays as it is (shared) and the rank-r weights are cast to the
+    input's dtype in the forward instead (a differentiable cast: gradients arrive in fp32).
+    """
+    from types import MethodType
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
+            for adapters in (getattr(module, "lora_A", {}), getattr(module, "lora_B", {})):
+                for linear in adapters.values():
+                    linear.forward = MethodType(_linear_in_input_dtype, linear)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -92,8 +92,11 @@ class LoraSpec(_Strict):
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """peft module names (q_proj, v_proj, ...) or `all-linear`."""
-    adapter_dtype: Literal["float32", "model"] = "float32"
-    """peft keeps adapters in fp32 by default; `model` keeps them in the model dtype (less memory)."""
+    adapter_dtype: Literal["float32", "model", "mixed"] = "float32"
+    """`float32`: peft's default, fp32 adapters computed in fp32 (each adapter saves its own fp32 copy
+    of its input); `model`: adapters stored and computed in the model dtype (least memory, bf16
+    optimizer state); `mixed`: fp32 adapters and optimizer state, computed in the model dtype under
+    autocast, one shared input per layer (HF Trainer's `bf16=True` without the per-adapter copies)."""
 
 
 class ActivationCheckpointingSpec(_Strict):
@@ -136,10 +139,16 @@ class TrainingSpec(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Gradient clipping; null disables it."""
     seed: int = 0
-    loss: Literal["hf", "chunked"] = "chunked"
-    """`hf`: the model's loss on full fp32 logits; `chunked`: linear+CE in chunks, logits never whole."""
+    loss: Literal["hf", "chunked", "liger"] = "chunked"
+    """`hf`: the model's loss on full fp32 logits; `chunked`: linear+CE in chunks, logits never whole;
+    `liger`: Liger's fused linear+cross-entropy kernel (CUDA, `pip install liger-kernel`)."""
     loss_chunk_tokens: int = Field(1024, gt=0)
     """Tokens per chunk of the chunked loss."""
+    kernels: Literal["eager", "liger"] = "eager"
+    """`liger`: Liger's fused Triton kernels for RMSNorm, SwiGLU and RoPE (CUDA, `pip install
+    liger-kernel`): the same math, fewer saved activations and kernel launches."""
+    compile: bool = False
+    """torch.compile each decoder layer (fuses the elementwise ops around the matmuls)."""
     logging_steps: int = Field(1, gt=0)
     eval_steps: int | None = Field(None, gt=0)
     save_steps: int | None = Field(None, gt=0)
@@ -188,6 +197,10 @@ class JobSpec(_Strict):
         problems = []
         if self.resources.gpu_memory_gib is not None and not self.resources.use_gpu:
             problems.append("resources.gpu_memory_gib needs resources.use_gpu: true")
+        liger = [f for f, on in (("training.kernels: liger", self.training.kernels == "liger"),
+                                  ("training.loss: liger", self.training.loss == "liger")) if on]
+        if liger and not self.resources.use_gpu:
+            problems.append(f"{' and '.join(liger)} run Triton kernels: they need resources.use_gpu: true")
         if self.data.packing and self.data.pad_to_sequence_len:
             problems.append("data.packing and data.pad_to_sequence_len are exclusive: packed blocks are always full")
         num_layers = preset_num_layers(self.model.preset)
@@ -237,8 +250,8 @@ class SearchSpaceSpec(_Strict):
     activation_checkpointing: CheckpointDimension = CheckpointDimension()
     lora_r: list[int] | None = None
     """LoRA ranks to try; default: the job's."""
-    adapter_dtypes: list[Literal["float32", "model"]] | None = None
-    """LoRA adapter dtypes to try (default: the job's); `model` (bf16 on GPU) saves memory."""
+    adapter_dtypes: list[Literal["float32", "model", "mixed"]] | None = None
+    """LoRA adapter dtypes to try (default: the job's); `mixed` and `model` save memory (see lora.adapter_dtype)."""
     lora_alpha_rule: str = "2*r"
     """lora_alpha as a function of r: `2*r`, `r`, `16` (a constant), ..."""
     gradient_accumulation_steps: list[int] | None = None

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from runner.checkpointing import apply_checkpointing, check_gradient_flow, resolve_layers
 from runner.data import IGNORE, MicroBatches, collate, tokenize
+from runner.kernels import apply_kernels, compile_layers, liger_linear_cross_entropy
 from runner.memory import PeakMemory, cap_gpu_memory
 from runner.model import build_model, build_tokenizer, decoder_layers
 from runner.spec import PATH_FIELDS, JobSpec, dump_yaml, job_from_dict
@@ -35,12 +36,14 @@ class CausalLMLoss(torch.nn.Module):
     """Model + loss in one module, so DDP sees one forward. Returns the summed token CE.
 
     `hf` is the model's own loss (full fp32 logits); `chunked` runs lm_head + CE over chunks of
-    tokens under checkpoint, so at most one chunk of logits exists at a time, in forward and backward.
+    tokens under checkpoint, so at most one chunk of logits exists at a time, in forward and backward;
+    `liger` is the same idea as one fused Triton kernel (runner.kernels).
     """
 
     def __init__(self, model: torch.nn.Module, kind: str = "chunked", chunk_tokens: int = 1024):
         super().__init__()
         self.model, self.kind, self.chunk_tokens = model, kind, chunk_tokens
+        self.fused = liger_linear_cross_entropy() if kind == "liger" else None
 
     def forward(self, input_ids, labels, attention_mask=None):
         if self.kind == "hf":
@@ -50,6 +53,9 @@ class CausalLMLoss(torch.nn.Module):
             return out.loss * num_items  # back to a sum: the caller normalises over the whole step
         causal_lm = self.model.get_base_model()
         hidden = causal_lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.fused is not None:
+            return self.fused(causal_lm.lm_head.weight, hidden[:, :-1].reshape(-1, hidden.shape[-1]),
+                              labels[:, 1:].reshape(-1))
         return chunked_cross_entropy(hidden[:, :-1], causal_lm.lm_head.weight, labels[:, 1:], self.chunk_tokens)
 
 
@@ -112,10 +118,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     layers = resolve_layers(spec.activation_checkpointing, num_layers)
     apply_checkpointing(model, layers, spec.activation_checkpointing.offload and device.type == "cuda",
                         spec.activation_checkpointing.policy)
+    apply_kernels(model, t.kernels)
     model.train()
     say(f"activation checkpointing: {len(layers)}/{num_layers} layers {layers}")
     if t.check_gradient_flow:
         check_gradient_flow(model, collate_first(batches, device))
+    if t.compile:
+        compile_layers(model)  # after the check: its short eager slice must not trigger a compile
     trainable = [p for p in model.parameters() if p.requires_grad]
     net = CausalLMLoss(model, t.loss, t.loss_chunk_tokens)
     if world_size > 1:

@@ -27,6 +27,9 @@ from runner.tracking import RunLogger, find_run, start_run, tracking_uri
 GIB = 1024**3
 
 
+ADAPTER_TAGS = {"float32": "", "model": "-bf16adapters", "mixed": "-mixedadapters"}
+
+
 @dataclass(frozen=True, order=True)
 class Config:
     r: int
@@ -39,7 +42,7 @@ class Config:
 
     @property
     def key(self) -> str:
-        extra = ("-selective" if self.policy == "selective" else "") + ("-bf16adapters" if self.adapter_dtype == "model" else "")
+        extra = ("-selective" if self.policy == "selective" else "") + ADAPTER_TAGS[self.adapter_dtype]
         return f"r{self.r}-mb{self.micro_batch_size}-acc{self.gradient_accumulation_steps}-{self.placement}{extra}-k{self.k}"
 
     @property
