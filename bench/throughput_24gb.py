@@ -117,8 +117,12 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--only", help="internal: run one arm in this process and print its JSON")
     ap.add_argument("--job", default=JOB, help="a smaller job, to try the script on a CPU")
+    ap.add_argument("--tuned-job", help="winner.yaml written by `fitrun tune`: arm (3) runs its tuned values")
     args = ap.parse_args()
     globals()["JOB"] = args.job
+    if args.tuned_job:
+        ARMS["tuned"] = tuned_overrides(args.tuned_job)
+        LABELS["tuned"] = f"(3) fitrun tuned: {args.tuned_job}"
     if args.only:
         if args.only == "seed":
             print("RESULT " + json.dumps(seed_recipe(args.steps, 16)), flush=True)
@@ -129,7 +133,7 @@ def main() -> None:
     results = {}
     for name in ["seed", *ARMS]:  # each arm in a fresh process: no allocator state carried over
         p = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--out", args.out, "--only", name,
-                            "--job", args.job],
+                            "--job", args.job, *(["--tuned-job", args.tuned_job] if args.tuned_job else [])],
                            capture_output=True, text=True)
         line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
         results[name] = json.loads(line[7:]) if line else {"error": (p.stdout + p.stderr)[-800:]}
@@ -163,16 +167,31 @@ def main() -> None:
     print("\n".join(lines))
 
 
+TUNED_FIELDS = {"lora": ["r", "lora_alpha", "adapter_dtype"],
+                "training": ["micro_batch_size", "gradient_accumulation_steps", "compile", "kernels", "loss"],
+                "activation_checkpointing": ["layers", "count", "placement", "policy", "offload"]}
+
+
+def tuned_overrides(path: str) -> list[str]:
+    """The values `fitrun tune` chose (winner.yaml), as overrides of the base job."""
+    import yaml
+
+    won = yaml.safe_load(open(path))
+    return [f"{section}.{key}={json.dumps(won[section][key])}" for section, keys in TUNED_FIELDS.items()
+            for key in keys if key in won.get(section, {})]
+
+
 ARMS = {
-    "fitrun-same": ["activation_checkpointing.layers=all", "training.loss=hf", "training.micro_batch_size=1",
+    "fitrun-same": ["activation_checkpointing.count=null", "activation_checkpointing.layers=all", "training.loss=hf", "training.micro_batch_size=1",
                     "training.gradient_accumulation_steps=16"],
-    "tuned": ["activation_checkpointing.layers=none", "activation_checkpointing.count=28", "lora.r=8",
-              "lora.lora_alpha=16", "training.micro_batch_size=2", "training.gradient_accumulation_steps=8"],
+    # Default: the levers bench's choice (bench/results/levers-8b-2026-11-29.md); --tuned-job replaces it.
+    "tuned": ["lora.adapter_dtype=mixed", "training.compile=true", "activation_checkpointing.layers=none",
+              "activation_checkpointing.count=14", "training.micro_batch_size=1", "training.gradient_accumulation_steps=16"],
 }
 LABELS = {"seed": "(1) seed recipe: HF Trainer, all layers, mb1 x 16, r16",
           "fitrun-same": "(2) fitrun, same config (all layers, mb1 x 16, r16, HF loss)",
           "fitrun-chunked": "(2b) fitrun, same config + chunked loss",
-          "tuned": "(3) fitrun tuned: r8, mb2 x 8, k=28 (fitrun tune, 24 GiB)"}
+          "tuned": "(3) fitrun: mixed adapters + compile, r16, mb1 x 16, k=14"}
 
 
 if __name__ == "__main__":

@@ -29,6 +29,12 @@ from runner.spec import JobSpec
 # reserved / allocated = 1.032 .. 1.069, mean 1.049 (the caching allocator's rounding and blocks).
 CUDA_EXTRA_GIB = 0.22
 RESERVED_OVERHEAD = 0.049
+# Saved activations of non-checkpointed layers relative to the eager trace when the layers run
+# fused: inductor's partitioner (training.compile) recomputes cheap elementwise ops in backward
+# instead of saving their outputs, and Liger's RMSNorm/SwiGLU (training.kernels: liger) keep fewer
+# tensors. Neither can run on fake tensors, so the eager trace is scaled by the ratio measured on the
+# 8B (mixed adapters, micro-batch 1 and 2, bench/results/levers-8b-2026-11-29.md): 0.75 and 0.73.
+FUSED_SAVED_RATIO = {"compile": 0.75, "liger": 0.73}
 
 
 @dataclass
@@ -99,7 +105,10 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
     if layers is None:
         layers = resolve_layers(spec.activation_checkpointing, num_layers)
     apply_checkpointing(model, layers, policy=spec.activation_checkpointing.policy)
-    net = CausalLMLoss(model, spec.training.loss, spec.training.loss_chunk_tokens)
+    # Liger's fused linear-CE keeps one chunk of logits at a time, as the chunked loss does (and
+    # Triton cannot run on fake tensors): trace the chunked loss in its place.
+    loss_kind = "chunked" if spec.training.loss == "liger" else spec.training.loss
+    net = CausalLMLoss(model, loss_kind, spec.training.loss_chunk_tokens)
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     b, s = spec.training.micro_batch_size, spec.data.sequence_len
@@ -120,6 +129,12 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
     optimizer_state = 2 * lora  # AdamW exp_avg + exp_avg_sq, in the parameters' dtype
     ddp_buckets = lora if spec.resources.num_workers > 1 else 0
     saved = after_forward - weights - lora
+    fused = "compile" if spec.training.compile else ("liger" if spec.training.kernels == "liger" else None)
+    if fused:
+        # Only the non-checkpointed layers' share changes; checkpointed layers save just their inputs.
+        inputs = len(layers) * b * s * model.get_base_model().config.hidden_size * dtype.itemsize
+        fewer = max(0, saved - inputs) * (1 - FUSED_SAVED_RATIO[fused])
+        saved, after_forward, forward_peak, peak = saved - fewer, after_forward - fewer, forward_peak - fewer, peak - fewer
     offloaded = 0
     if spec.activation_checkpointing.offload and target == "cuda":
         offloaded = len(layers) * b * s * model.get_base_model().config.hidden_size * dtype.itemsize

@@ -22,6 +22,12 @@ def require_liger() -> None:
         raise RuntimeError(f"training.kernels/loss: liger needs the liger-kernel package ({LIGER_HINT}): {e}") from e
 
 
+def check_available(training) -> None:
+    """Driver-side check, before Ray starts or any GPU time is spent."""
+    if training.kernels == "liger" or training.loss == "liger":
+        require_liger()
+
+
 def apply_kernels(model: torch.nn.Module, kernels: str) -> None:
     """Swap RMSNorm, SwiGLU and RoPE for Liger's fused kernels on this model instance.
 

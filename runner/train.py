@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from runner.checkpointing import apply_checkpointing, check_gradient_flow, resolve_layers
 from runner.data import IGNORE, MicroBatches, collate, tokenize
-from runner.kernels import apply_kernels, compile_layers, liger_linear_cross_entropy
+from runner.kernels import apply_kernels, check_available, compile_layers, liger_linear_cross_entropy
 from runner.memory import PeakMemory, cap_gpu_memory
 from runner.model import build_model, build_tokenizer, decoder_layers
 from runner.spec import PATH_FIELDS, JobSpec, dump_yaml, job_from_dict
@@ -427,6 +427,7 @@ def run_train(spec: JobSpec, resume: bool = True) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     spec = absolute_paths(spec)
+    check_available(spec.training)
     out = Path(spec.output_dir)
     run_dir = out / "ray" / spec.name
     done_marker = out / "DONE"

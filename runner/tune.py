@@ -499,7 +499,10 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
     from runner.model import model_config
     from runner.train import absolute_paths, init_ray
 
+    from runner.kernels import check_available
+
     job = absolute_paths(job)
+    check_available(job.training)
     num_layers = model_config(job.model, allow_builtin=True).num_hidden_layers
     columns, ks = expand(job, space, num_layers)  # raises SpecError before anything runs
     out = Path(job.output_dir)
