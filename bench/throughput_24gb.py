@@ -184,6 +184,9 @@ def tuned_overrides(path: str) -> list[str]:
 ARMS = {
     "fitrun-same": ["activation_checkpointing.count=null", "activation_checkpointing.layers=all", "training.loss=hf", "training.micro_batch_size=1",
                     "training.gradient_accumulation_steps=16"],
+    # The seed's own config (r16, mb1 x 16) with the levers that win outright: same loss as (1) expected.
+    "levers-r16": ["lora.adapter_dtype=mixed", "training.compile=true", "activation_checkpointing.layers=none",
+                   "activation_checkpointing.count=14"],
     # Default: the levers bench's choice (bench/results/levers-8b-2026-11-29.md); --tuned-job replaces it.
     "tuned": ["lora.adapter_dtype=mixed", "training.compile=true", "activation_checkpointing.layers=none",
               "activation_checkpointing.count=14", "training.micro_batch_size=1", "training.gradient_accumulation_steps=16"],
@@ -191,6 +194,7 @@ ARMS = {
 LABELS = {"seed": "(1) seed recipe: HF Trainer, all layers, mb1 x 16, r16",
           "fitrun-same": "(2) fitrun, same config (all layers, mb1 x 16, r16, HF loss)",
           "fitrun-chunked": "(2b) fitrun, same config + chunked loss",
+          "levers-r16": "(2c) fitrun, seed config (r16, mb1 x 16) + mixed adapters + compile, k=14",
           "tuned": "(3) fitrun: mixed adapters + compile, r16, mb1 x 16, k=14"}
 
 
