@@ -26,6 +26,8 @@ VARIANTS = {
     "bf16": ["lora.adapter_dtype=model"],
     "liger": ["lora.adapter_dtype=mixed", "training.kernels=liger", "training.loss=liger"],
     "compile": ["lora.adapter_dtype=mixed", "training.compile=true"],
+    "selective": ["lora.adapter_dtype=mixed", "activation_checkpointing.policy=selective"],
+    "offload": ["lora.adapter_dtype=mixed", "activation_checkpointing.offload=true"],
 }
 LABELS = {
     "eager": "eager, fp32 adapters (peft default), chunked loss",
@@ -33,6 +35,8 @@ LABELS = {
     "bf16": "bf16 adapters (`lora.adapter_dtype: model`)",
     "liger": "mixed + Liger RMSNorm/SwiGLU/RoPE + Liger fused linear-CE",
     "compile": "mixed + torch.compile per decoder layer",
+    "selective": "mixed + selective recompute in checkpointed layers",
+    "offload": "mixed + checkpointed inputs offloaded to pinned host memory",
 }
 
 
@@ -73,7 +77,8 @@ def run_variant(name: str, settings: list[tuple[int, int]], reps: int, r: int) -
     opt.zero_grad(set_to_none=True)
 
     for mb, k in settings:
-        apply_checkpointing(model, list(range(k)))
+        ac = spec.activation_checkpointing
+        apply_checkpointing(model, list(range(k)), ac.offload, ac.policy)
         batch = ids[:mb]
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
