@@ -17,6 +17,7 @@ import sys
 import time
 
 import torch
+from gpu import matmul_tflops
 
 GIB = 1024**3
 JOB = "jobs/llama3-8b-lora.yaml"
@@ -104,18 +105,6 @@ def run_variant(name: str, settings: list[tuple[int, int]], reps: int, r: int) -
         print(name, row, flush=True)
     return out
 
-
-def matmul_tflops() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(20):
-        a @ b
-    torch.cuda.synchronize()
-    return 20 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12
 
 
 def main() -> None:

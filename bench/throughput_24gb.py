@@ -13,24 +13,12 @@ import subprocess
 import sys
 import time
 
+from gpu import matmul_tflops
+
 GIB = 1024**3
 CAP_GIB = 24.0
 JOB = "jobs/llama3-8b-lora.yaml"
 
-
-def matmul_tflops() -> float:
-    import torch
-
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize()
-    return 10 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12
 
 
 def flops_per_token(seq: int) -> float:

@@ -244,6 +244,8 @@ class CheckpointDimension(_Strict):
     """Explicit layer sets to try as well."""
     policies: list[Literal["full", "selective"]] | None = None
     """Recompute policies to try (default: the job's): selective keeps matmul outputs, costs memory, saves time."""
+    offloads: list[bool] | None = None
+    """Offload checkpointed inputs to pinned host memory or not (default: the job's): less memory, some time."""
 
 
 class SearchSpaceSpec(_Strict):

@@ -39,17 +39,19 @@ class Config:
     k: int
     policy: str = "full"            # activation_checkpointing.policy
     adapter_dtype: str = "float32"  # lora.adapter_dtype
+    offload: bool = False           # activation_checkpointing.offload
 
     @property
     def key(self) -> str:
-        extra = ("-selective" if self.policy == "selective" else "") + ADAPTER_TAGS[self.adapter_dtype]
+        extra = ("-selective" if self.policy == "selective" else "") + ADAPTER_TAGS[self.adapter_dtype] + \
+            ("-offload" if self.offload else "")
         return f"r{self.r}-mb{self.micro_batch_size}-acc{self.gradient_accumulation_steps}-{self.placement}{extra}-k{self.k}"
 
     @property
     def column(self) -> tuple:
-        """Everything but k: (r, micro, accum, placement, policy, adapter_dtype)."""
+        """Everything but k: (r, micro, accum, placement, policy, adapter_dtype, offload)."""
         return (self.r, self.micro_batch_size, self.gradient_accumulation_steps, self.placement, self.policy,
-                self.adapter_dtype)
+                self.adapter_dtype, self.offload)
 
 
 def at_k(column: tuple, k: int) -> Config:
@@ -71,14 +73,12 @@ def apply_config(job: JobSpec, c: Config, alpha_rule: str) -> JobSpec:
     raw["lora"].update(r=c.r, lora_alpha=alpha_for(alpha_rule, c.r), adapter_dtype=c.adapter_dtype)
     raw["training"].update(micro_batch_size=c.micro_batch_size, gradient_accumulation_steps=c.gradient_accumulation_steps)
     raw["activation_checkpointing"] = {**raw["activation_checkpointing"], "layers": "none", "count": c.k,
-                                       "placement": c.placement, "policy": c.policy}
-    if c.policy == "selective":
-        raw["activation_checkpointing"]["offload"] = False
+                                       "placement": c.placement, "policy": c.policy, "offload": c.offload}
     return job_from_dict(raw, "tuned job")
 
 
 def expand(job: JobSpec, space: SearchSpaceSpec, num_layers: int) -> tuple[list[tuple], list[int]]:
-    """The columns (r, micro, accum, placement, policy, adapter dtype) and the k values; all problems
+    """The columns (r, micro, accum, placement, policy, adapter dtype, offload) and the k values; all problems
     reported at once."""
     problems = []
     workers = job.resources.num_workers
@@ -118,7 +118,9 @@ def expand(job: JobSpec, space: SearchSpaceSpec, num_layers: int) -> tuple[list[
     rs = space.lora_r or [job.lora.r]
     policies = ac.policies or [job.activation_checkpointing.policy]
     adapter_dtypes = space.adapter_dtypes or [job.lora.adapter_dtype]
-    columns = [(r, global_batch // (a * workers), a, p, pol, ad) for ad in adapter_dtypes for pol in policies
+    offloads = ac.offloads or [job.activation_checkpointing.offload]
+    columns = [(r, global_batch // (a * workers), a, p, pol, ad, off) for ad in adapter_dtypes for pol in policies
+               for off in offloads if not (off and pol == "selective")  # offload works with full recompute only
                for r in sorted(rs) for a in sorted(accums, reverse=True) for p in ac.placements]
     return columns, ks
 
@@ -379,7 +381,7 @@ def probe_trial(config: dict, job: dict, space: dict, uri: str, parent_run_id: s
     if run_id is None:  # a resumed search reuses the trial's run: no duplicates
         run_id = start_run(uri, spec.tracking.experiment_name, run_name, parent_run_id=parent_run_id,
                            params={"r": c.r, "lora_alpha": spec.lora.lora_alpha, "k": c.k, "placement": c.placement,
-                                   "policy": c.policy, "adapter_dtype": c.adapter_dtype,
+                                   "policy": c.policy, "adapter_dtype": c.adapter_dtype, "offload": c.offload,
                                    "micro_batch_size": c.micro_batch_size,
                                    "gradient_accumulation_steps": c.gradient_accumulation_steps,
                                    "checkpointed_layers": c.k},

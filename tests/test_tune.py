@@ -48,7 +48,7 @@ def drive(searcher: FitSearcher, check_pruning: bool = True) -> list[Config]:
 
 @pytest.mark.parametrize("use_estimate", [True, False])
 def test_fit_searcher_finds_every_columns_smallest_fitting_k(use_estimate):
-    columns = [(r, 16 // a, a, "first", "full", "float32") for r in (8, 16, 32, 64) for a in (16, 8, 4, 2)]
+    columns = [(r, 16 // a, a, "first", "full", "float32", False) for r in (8, 16, 32, 64) for a in (16, 8, 4, 2)]
     ks = list(range(33))
     rng = random.Random(0)
     predicted = {at_k(col, k).key: oracle_gib(at_k(col, k)) * rng.uniform(0.97, 1.03)
@@ -65,11 +65,11 @@ def test_fit_searcher_finds_every_columns_smallest_fitting_k(use_estimate):
 
 
 def test_dominated_ranks_are_not_probed():
-    columns = [(r, 1, 16, "first", "full", "float32") for r in (8, 16, 64)]
+    columns = [(r, 1, 16, "first", "full", "float32", False) for r in (8, 16, 64)]
     searcher = FitSearcher(columns, list(range(33)), CEILING, 0.5)
     launched = drive(searcher)
     assert {c.r for c in launched} == {8}
-    assert set(searcher.dominated) == {(16, 1, 16, "first", "full", "float32"), (64, 1, 16, "first", "full", "float32")}
+    assert set(searcher.dominated) == {(16, 1, 16, "first", "full", "float32", False), (64, 1, 16, "first", "full", "float32", False)}
 
 
 def test_space_problems_reported_before_anything_runs(root, monkeypatch, tmp_path):
@@ -83,6 +83,25 @@ def test_space_problems_reported_before_anything_runs(root, monkeypatch, tmp_pat
     text = str(e.value)
     assert "[3] do not divide the job's global batch 8" in text
     assert "must lie in 0..4" in text and "gpu_memory_gib: set a ceiling" in text and "lora_alpha_rule" in text
+
+
+def test_lever_dimensions_expand_into_columns_and_trial_jobs(root, monkeypatch, tmp_path):
+    from runner.tune import apply_config, at_k
+
+    monkeypatch.chdir(root)
+    job = load_job("jobs/tiny-cpu.yaml")
+    space = tmp_path / "space.yaml"
+    space.write_text("gpu_memory_gib: 1\ngradient_accumulation_steps: [8]\nadapter_dtypes: [float32, mixed]\n"
+                     "activation_checkpointing: {policies: [full, selective], offloads: [false, true]}\n")
+    columns, _ = expand(job, load_search_space(space), num_layers=4)
+    # 2 adapter dtypes x (full, full+offload, selective): offload works with full recompute only
+    assert len(columns) == 6
+    for column in columns:
+        c = at_k(column, 2)
+        trial = apply_config(job, c, "2*r")  # a valid job, carrying every lever of the config
+        ac = trial.activation_checkpointing
+        assert (ac.count, ac.policy, ac.offload, trial.lora.adapter_dtype) == (2, c.policy, c.offload, c.adapter_dtype)
+    assert len({at_k(col, 2).key for col in columns}) == 6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +181,7 @@ def test_cpu_search_matches_brute_force(root, tmp_path):
 def test_random_searcher_is_a_plain_baseline():
     from runner.tune import RandomSearcher
 
-    columns = [(r, 16 // a, a, "first", "full", "float32") for r in (8, 16) for a in (16, 8)]
+    columns = [(r, 16 // a, a, "first", "full", "float32", False) for r in (8, 16) for a in (16, 8)]
     searcher = RandomSearcher(columns, list(range(33)), CEILING, 0.5, num_samples=10, seed=1)
     launched = drive(searcher, check_pruning=False)  # a baseline: it uses no structure
     assert len(launched) == len({c.key for c in launched}) == 10
