@@ -148,7 +148,8 @@ class TrainingSpec(_Strict):
     """`liger`: Liger's fused Triton kernels for RMSNorm, SwiGLU and RoPE (CUDA, `pip install
     liger-kernel`): the same math, fewer saved activations and kernel launches."""
     compile: bool = False
-    """torch.compile each decoder layer (fuses the elementwise ops around the matmuls)."""
+    """torch.compile each decoder layer: fuses the elementwise ops around the matmuls and saves fewer
+    activations. The first step pays the compile (tens of seconds); on CPU it needs a C++ compiler."""
     logging_steps: int = Field(1, gt=0)
     eval_steps: int | None = Field(None, gt=0)
     save_steps: int | None = Field(None, gt=0)
