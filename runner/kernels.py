@@ -51,7 +51,7 @@ def compile_layers(model: torch.nn.Module) -> None:
     region (transformers' GradientCheckpointingLayer wraps the module call), so a checkpointed
     layer recomputes its compiled forward; all layers share one graph."""
     for layer in decoder_layers(model):
-        layer.compile(dynamic=False)
+        layer.compile()  # static first; a new sequence length (unpacked data) recompiles once as dynamic
 
 
 def liger_linear_cross_entropy():

@@ -93,3 +93,20 @@ def test_liger_needs_a_gpu_and_the_package(root):
             check_available(spec.training)
     else:
         check_available(spec.training)
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor on CPU needs a C++ compiler")
+def test_compiled_layers_do_not_recompile_per_sequence_length():
+    """Unpacked data gives every micro-batch its own length: one static graph, then one dynamic one."""
+    import torch._dynamo
+
+    from runner.kernels import compile_layers
+
+    torch._dynamo.reset()
+    model = tiny_model(num_layers=2)
+    compile_layers(model)
+    torch._dynamo.utils.counters.clear()
+    for seq in (16, 24, 40, 56, 72, 88, 104):
+        model(**tiny_batch(seq=seq)).loss.backward()
+    frames = torch._dynamo.utils.counters["frames"]
+    assert frames["ok"] <= 4, dict(frames)  # static shapes would compile once per length (7, up to the limit)
