@@ -129,15 +129,14 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
     optimizer_state = 2 * lora  # AdamW exp_avg + exp_avg_sq, in the parameters' dtype
     ddp_buckets = lora if spec.resources.num_workers > 1 else 0
     saved = after_forward - weights - lora
+    # What a checkpointed layer keeps: its input.
+    checkpointed_inputs = len(layers) * b * s * model.get_base_model().config.hidden_size * dtype.itemsize
     fused = "compile" if spec.training.compile else ("liger" if spec.training.kernels == "liger" else None)
     if fused:
         # Only the non-checkpointed layers' share changes; checkpointed layers save just their inputs.
-        inputs = len(layers) * b * s * model.get_base_model().config.hidden_size * dtype.itemsize
-        fewer = max(0, saved - inputs) * (1 - FUSED_SAVED_RATIO[fused])
+        fewer = max(0, saved - checkpointed_inputs) * (1 - FUSED_SAVED_RATIO[fused])
         saved, after_forward, forward_peak, peak = saved - fewer, after_forward - fewer, forward_peak - fewer, peak - fewer
-    offloaded = 0
-    if spec.activation_checkpointing.offload and target == "cuda":
-        offloaded = len(layers) * b * s * model.get_base_model().config.hidden_size * dtype.itemsize
+    offloaded = checkpointed_inputs if spec.activation_checkpointing.offload and target == "cuda" else 0
     cuda_extra = CUDA_EXTRA_GIB * GIB if target == "cuda" else 0.0
     allocated = peak + optimizer_state + ddp_buckets - offloaded + cuda_extra
     overhead = allocated * RESERVED_OVERHEAD if target == "cuda" else 0.0

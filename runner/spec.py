@@ -95,8 +95,9 @@ class LoraSpec(_Strict):
     adapter_dtype: Literal["float32", "model", "mixed"] = "float32"
     """`float32`: peft's default, fp32 adapters computed in fp32 (each adapter saves its own fp32 copy
     of its input); `model`: adapters stored and computed in the model dtype (least memory, bf16
-    optimizer state); `mixed`: fp32 adapters and optimizer state, computed in the model dtype under
-    autocast, one shared input per layer (HF Trainer's `bf16=True` without the per-adapter copies)."""
+    optimizer state); `mixed`: fp32 adapters and optimizer state, computed in the model dtype (the
+    rank-r weights are cast in the forward), one shared input per layer (the numerics of HF Trainer's
+    `bf16=True`, without its per-adapter input copies)."""
 
 
 class ActivationCheckpointingSpec(_Strict):

@@ -22,7 +22,7 @@ from runner.data import IGNORE, MicroBatches, collate, tokenize
 from runner.kernels import apply_kernels, check_available, compile_layers, liger_linear_cross_entropy
 from runner.memory import PeakMemory, cap_gpu_memory
 from runner.model import build_model, build_tokenizer, decoder_layers
-from runner.spec import PATH_FIELDS, JobSpec, dump_yaml, job_from_dict
+from runner.spec import PATH_FIELDS, JobSpec, ResourcesSpec, dump_yaml, job_from_dict
 from runner.tracking import RunLogger, start_run, tracking_uri
 
 STATE_FILE = "state.json"
@@ -410,6 +410,14 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
     return spec
 
 
+def scaling_config(res: ResourcesSpec):
+    """Ray Train workers for `resources` (CPU, and a GPU share when use_gpu)."""
+    import ray.train
+
+    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
+    return ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker)
+
+
 def _predicted_peak(spec: JobSpec) -> float | None:
     """`fitrun estimate` for this job, logged beside the measured peak; never fails the job."""
     try:
@@ -457,13 +465,10 @@ def run_train(spec: JobSpec, resume: bool = True) -> dict[str, Any]:
         print(f"resuming from {resume_from}", flush=True)
 
     init_ray(spec.resources.address)
-    res = spec.resources
-    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.to_dict(), "tracking_uri": uri, "run_id": run_id},
-        scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
-                                               resources_per_worker=per_worker),
+        scaling_config=scaling_config(spec.resources),
         run_config=ray.train.RunConfig(name=spec.name, storage_path=str(out / "ray"),
                                        failure_config=ray.train.FailureConfig(max_failures=0),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
@@ -479,7 +484,7 @@ def run_train(spec: JobSpec, resume: bool = True) -> dict[str, Any]:
         summary = json.loads((Path(final) / "metrics.json").read_text())
         shutil.copytree(Path(final) / "adapter", adapter)
     logger.artifacts(adapter, "adapter")
-    measured = summary["peak_reserved_gib"] if spec.resources.use_gpu else summary["peak_allocated_gib"]
+    measured = summary["peak_gib"]  # the worker's: reserved on GPU, tensor bytes on CPU
     if predicted is not None and measured:
         # The estimate's error, visible next to the measurement in every run.
         logger.metrics({"estimate_error_pct": (predicted - measured) / measured * 100})

@@ -25,6 +25,7 @@ from runner.spec import JobSpec, SearchSpaceSpec, SpecError, dump_yaml, job_from
 from runner.tracking import RunLogger, find_run, start_run, tracking_uri
 
 GIB = 1024**3
+TRIAL_CPUS = 0.25  # the Tune function only drives its TorchTrainer; the workers hold the real CPUs
 
 
 ADAPTER_TAGS = {"float32": "", "model": "-bf16adapters", "mixed": "-mixedadapters"}
@@ -57,6 +58,11 @@ class Config:
 def at_k(column: tuple, k: int) -> Config:
     r, mb, acc, placement, *rest = column
     return Config(r, mb, acc, placement, k, *rest)
+
+
+def column_label(column: tuple) -> str:
+    """A column's configs' common name: the key without its k."""
+    return at_k(column, 0).key.removesuffix("-k0")
 
 
 def alpha_for(rule: str, r: int) -> float:
@@ -302,7 +308,7 @@ def tune_searcher_class():
                 for key in set(self.inner.pruned) - before:
                     self.on_pruned(key, self.inner.pruned[key])
                 for column in set(self.inner.dominated) - before_columns:
-                    self.on_pruned(at_k(column, 0).key.removesuffix("-k0") + "-dominated", None)
+                    self.on_pruned(column_label(column) + "-dominated", None)
             if nxt == "done":
                 self.finished = True
                 return Searcher.FINISHED
@@ -358,7 +364,7 @@ def probe_trial(config: dict, job: dict, space: dict, uri: str, parent_run_id: s
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from runner.train import train_loop_per_worker
+    from runner.train import scaling_config, train_loop_per_worker
 
     job_spec, sp = job_from_dict(job), SearchSpaceSpec.model_validate(space)
     c = Config(**config["config"])
@@ -387,15 +393,12 @@ def probe_trial(config: dict, job: dict, space: dict, uri: str, parent_run_id: s
                                    "checkpointed_layers": c.k},
                            tags={"fitrun_config": c.key, "fitrun_phase": phase, "fitrun.kind": "trial"})
     logger = RunLogger(uri, run_id)
-    res = spec.resources
-    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": probe_spec.to_dict(), "tracking_uri": uri, "run_id": run_id,
                            "probe": {"warmup_steps": sp.probe_warmup_steps, "steps": sp.probe_steps,
                                      "ceiling_gib": sp.gpu_memory_gib, "true_accum": c.gradient_accumulation_steps}},
-        scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
-                                               resources_per_worker=per_worker),
+        scaling_config=scaling_config(spec.resources),
         run_config=ray.train.RunConfig(name=f"{phase}-{ray.tune.get_context().get_trial_id()}", storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=0),
                                        callbacks=[TuneReportCallback()]),
@@ -403,9 +406,8 @@ def probe_trial(config: dict, job: dict, space: dict, uri: str, parent_run_id: s
     try:
         trainer.fit()
         metrics = logger.client.get_run(run_id).data.metrics
+        # The worker's final summary, peak_gib included (reserved on GPU, tensor bytes on CPU).
         summary = {k.removeprefix("final_"): v for k, v in metrics.items() if k.startswith("final_")}
-        peak_key = "peak_reserved_gib" if res.use_gpu else "peak_allocated_gib"
-        summary["peak_gib"] = summary.get(peak_key)
         ray.tune.report({"score": summary.get("score", 0.0), **summary})
     except Exception as e:  # an OOM outside the loop (model build) is a result too; anything else is an error
         text = str(e)
@@ -419,8 +421,7 @@ def probe_trial(config: dict, job: dict, space: dict, uri: str, parent_run_id: s
         if outcome["peak_gib"]:
             logger.metrics({"estimate_error_pct": (config["predicted_peak_gib"] - outcome["peak_gib"])
                             / outcome["peak_gib"] * 100})
-    logger.metrics({"feasible": float(outcome["feasible"]), "tokens_per_s": outcome["measured_tokens_per_s"]
-                    if "measured_tokens_per_s" in outcome else 0.0,
+    logger.metrics({"feasible": float(outcome["feasible"]), "tokens_per_s": outcome.get("measured_tokens_per_s", 0.0),
                     **({"peak_gib": outcome["peak_gib"]} if outcome["peak_gib"] is not None else {})})
     logger.tags({"status": outcome["status"]})
     logger.end(ok=outcome["status"] != "error")
@@ -498,10 +499,9 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
     """Run the search; print and return the winner, the frontier and the counts."""
     import ray.tune
 
+    from runner.kernels import check_available
     from runner.model import model_config
     from runner.train import absolute_paths, init_ray
-
-    from runner.kernels import check_available
 
     job = absolute_paths(job)
     check_available(job.training)
@@ -518,8 +518,7 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
 
     init_ray(job.resources.address)
     target = "cuda" if job.resources.use_gpu else "cpu"
-    trial_cpus = 0.25
-    n_concurrent, gpu_fraction = concurrency(job, space, trial_cpus)
+    n_concurrent, gpu_fraction = concurrency(job, space, TRIAL_CPUS)
     if job.resources.use_gpu:
         job = job.model_copy(update={"resources": job.resources.model_copy(update={"gpus_per_worker": gpu_fraction})})
 
@@ -569,7 +568,7 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(probe_trial, job=job.to_dict(), space=space.model_dump(mode="json"), uri=uri,
                                  parent_run_id=parent_id, storage=str(storage / "train")),
-        {"cpu": trial_cpus})
+        {"cpu": TRIAL_CPUS})
     tuner = ray.tune.Tuner(
         trainable,
         tune_config=ray.tune.TuneConfig(search_alg=searcher, num_samples=grid_size,
@@ -620,7 +619,7 @@ def _run_exclusive(configs: list[Config], job: JobSpec, space: SearchSpaceSpec, 
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(probe_trial, job=exclusive_job.to_dict(), space=space.model_dump(mode="json"),
                                  uri=uri, parent_run_id=parent_id, storage=str(storage / "train"), exclusive=True),
-        {"cpu": 0.25})
+        {"cpu": TRIAL_CPUS})
     tuner = ray.tune.Tuner(
         trainable,
         param_space={"config": ray.tune.grid_search([asdict(c) for c in configs])},
@@ -652,21 +651,20 @@ def _summarise(job, space, inner, winner, speed, speed_source, grid_size, starte
               "dominated_columns": len(inner.dominated),
               "infeasible": sum(r["status"] == "infeasible" for r in results),
               "errors": sum(r["status"] == "error" for r in results), "exclusive_runs": len(exclusive)}
-    feasible = [{**r, "tokens_per_s": r["tokens_per_s"]} for r in results if r["feasible"]]
-    front = pareto(feasible)
+    front = pareto([r for r in results if r["feasible"]])
     lines = ["| config | status | peak GiB | tokens/s (packed) | tokens/s (exclusive) | loss |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in sorted(results, key=lambda r: r["config"]):
         ex = exclusive.get(r["config"].key)
         peak = f"{r['peak_gib']:.3f}" if r.get("peak_gib") is not None else "-"
+        exclusive_speed = f"{ex['tokens_per_s']:,.0f}" if ex else "-"
+        loss = f"{r['loss']:.4f}" if r.get("loss") is not None else "-"
         lines.append(f"| {r['config'].key} | {r['status']} | {peak} | {r.get('measured_tokens_per_s', 0):,.0f} | "
-                     f"{ex['tokens_per_s']:,.0f} |" if ex else
-                     f"| {r['config'].key} | {r['status']} | {peak} | {r.get('measured_tokens_per_s', 0):,.0f} | - |")
-        lines[-1] += f" {r['loss']:.4f} |" if r.get("loss") is not None else " - |"
+                     f"{exclusive_speed} | {loss} |")
     for key, gib in sorted(inner.pruned.items()):
         lines.append(f"| {key} | pruned (predicted {gib:.3f} GiB) | - | - | - | - |")
     for column in inner.dominated:
-        lines.append(f"| {at_k(column, 0).key.removesuffix('-k0')}-* | pruned (dominated by a smaller rank) "
+        lines.append(f"| {column_label(column)}-* | pruned (dominated by a smaller rank) "
                      f"| - | - | - | - |")
     table = "\n".join(lines)
     front_lines = ["| config | peak GiB | tokens/s |", "| --- | --- | --- |"] + \
@@ -713,7 +711,7 @@ def _summarise(job, space, inner, winner, speed, speed_source, grid_size, starte
               f"at ${price}/GPU-hour")
         summary.update(usd_per_million_tokens=per_m, usd_per_epoch=per_epoch)
     summary.update(winner=c.key, winner_config=asdict(c), winner_tokens_per_s=tokens_per_s,
-                   winner_peak_gib=winner["peak_gib"], winner_path=str(path), exclusive={k: v for k, v in exclusive.items()})
+                   winner_peak_gib=winner["peak_gib"], winner_path=str(path), exclusive=dict(exclusive))
     return summary
 
 
