@@ -104,6 +104,7 @@ def main():
     predictions = [pool.submit(predict, cfg) for cfg in CONFIGS]
 
     import torch
+    from gpu import hardware
 
     from runner.model import build_model
     from runner.spec import load_job
@@ -120,10 +121,9 @@ def main():
         err = (predicted - measured) / measured * 100
         rows.append((cfg, predicted, measured, err))
         print(f"{cfg} predicted {predicted:.2f} measured {measured:.2f} error {err:+.1f}%", flush=True)
-    p = torch.cuda.get_device_properties(0)
     max_err = max(abs(r[3]) for r in rows)
     lines = [f"# fitrun estimate: predicted vs measured peak reserved memory ({datetime.date.today()})", "",
-             f"- hardware: {p.name}, {p.total_memory / 1024**3:.0f} GiB, torch {torch.__version__}",
+             f"- hardware: {hardware()}",
              "- model: Llama-3-8B architecture (random init), bf16, SDPA, LoRA on all linear layers (peft defaults: "
              "fp32 adapters unless noted), fused AdamW, chunked loss unless noted; full-length sequences",
              "- measured: max of `torch.cuda.max_memory_reserved` over 3 optimizer steps (accumulation 1), one process, "

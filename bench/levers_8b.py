@@ -11,13 +11,12 @@ the eager fp32-adapter baseline on one batch.
 
 import argparse
 import datetime
-import json
 import subprocess
 import sys
 import time
 
 import torch
-from gpu import matmul_tflops
+from gpu import hardware, matmul_tflops
 
 GIB = 1024**3
 JOB = "jobs/llama3-8b-lora.yaml"
@@ -136,9 +135,8 @@ def main() -> None:
 
 def write_report(args, results: dict, peak: float) -> None:
     ref = results.get("eager", {})
-    prop = torch.cuda.get_device_properties(0)
     lines = [f"# Levers on the 8B architecture ({datetime.date.today()})", "",
-             f"- hardware: {prop.name}, {prop.total_memory / GIB:.0f} GiB, torch {torch.__version__}; "
+             f"- hardware: {hardware()}; "
              f"bf16 matmul {peak:.0f} TFLOP/s measured (8192^3)",
              f"- Llama-3-8B architecture, random init (seed 0), bf16, SDPA, LoRA r={args.r} all linear, seq 2048, "
              "one fixed random batch, no memory cap; first k layers checkpointed",

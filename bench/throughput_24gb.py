@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from gpu import matmul_tflops
+from gpu import hardware, matmul_tflops
 
 GIB = 1024**3
 CAP_GIB = 24.0
@@ -134,9 +134,8 @@ def main() -> None:
     peak = matmul_tflops()
     fpt = flops_per_token(2048)
     base = results["seed"].get("tokens_per_s", float("nan"))
-    p = torch.cuda.get_device_properties(0)
     lines = [f"# Throughput under a {CAP_GIB:g} GiB cap ({datetime.date.today()})", "",
-             f"- hardware: {p.name}, {p.total_memory / GIB:.0f} GiB, torch {torch.__version__}; measured bf16 matmul "
+             f"- hardware: {hardware()}; measured bf16 matmul "
              f"{peak:.0f} TFLOP/s (8192^3); model FLOPs/token {fpt / 1e9:.2f} G (no recompute counted)",
              f"- Llama-3-8B architecture (random init, seed 0), seq 2048 packed shipped data, global batch 16, "
              f"{args.steps} optimizer steps each, every arm in a fresh process capped at {CAP_GIB:g} GiB",

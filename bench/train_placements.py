@@ -9,6 +9,7 @@ import datetime
 import json
 from pathlib import Path
 
+from gpu import hardware
 from runner.spec import load_job
 from runner.train import run_train
 
@@ -16,15 +17,6 @@ PLACEMENTS = {"none": ["activation_checkpointing.count=null", "activation_checkp
               "all": ["activation_checkpointing.count=null", "activation_checkpointing.layers=all"],
               "first-16": ["activation_checkpointing.layers=none", "activation_checkpointing.count=16",
                            "activation_checkpointing.placement=first"]}
-
-
-def hardware() -> str:
-    import torch
-
-    if not torch.cuda.is_available():
-        return "CPU"
-    p = torch.cuda.get_device_properties(0)
-    return f"{p.name}, {p.total_memory / 1024**3:.0f} GiB, torch {torch.__version__}"
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ import argparse
 import datetime
 import time
 
+from gpu import hardware
 from runner.spec import load_job, load_search_space
 from runner.tune import Config, run_tune
 
@@ -33,12 +34,7 @@ def main() -> None:
     seed_tps = seed_res.get("tokens_per_s") or float("nan")
     speedup = s.get("winner_tokens_per_s", float("nan")) / seed_tps
 
-    import torch
-
-    hw = "CPU"
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        hw = f"{p.name}, {p.total_memory / 1024**3:.0f} GiB, torch {torch.__version__}"
+    hw = hardware()
     lines = [f"# fitrun tune under a {space.gpu_memory_gib:g} GiB ceiling ({datetime.date.today()})", "",
              f"- hardware: {hw}",
              f"- job: {args.job} (model.init=random) {' '.join(args.overrides)}, global batch {job.global_batch_size}, "
