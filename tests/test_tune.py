@@ -114,13 +114,18 @@ def _measure(spec) -> tuple[float, float]:
     return measure_in_process(spec, steps=4, pad_to_full=True)
 
 
+def _tune_cli(tmp_path) -> list[str]:
+    """`fitrun tune` on the tiny CPU job and space, writing only under tmp_path."""
+    return [sys.executable, "-m", "runner", "tune", "jobs/tiny-cpu.yaml", "search_spaces/tiny-cpu.yaml",
+            "--set", f"output_dir={tmp_path}/out", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+
+
 @pytest.mark.ray
 def test_cpu_search_matches_brute_force(root, tmp_path):
     from runner.tune import apply_config
 
     env = {**os.environ, "FITRUN_PROGRESS": "0"}
-    args = [sys.executable, "-m", "runner", "tune", "jobs/tiny-cpu.yaml", "search_spaces/tiny-cpu.yaml",
-            "--set", f"output_dir={tmp_path}/out", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    args = _tune_cli(tmp_path)
     out = subprocess.run(args + ["--gpu-hour-price", "2.5"], cwd=root, capture_output=True, text=True, timeout=900,
                          env=env)
     log = out.stdout + out.stderr
@@ -193,8 +198,7 @@ def test_interrupted_search_resumes_without_duplicates(root, tmp_path):
     from collections import Counter
 
     env = {**os.environ, "FITRUN_PROGRESS": "0"}
-    args = [sys.executable, "-m", "runner", "tune", "jobs/tiny-cpu.yaml", "search_spaces/tiny-cpu.yaml",
-            "--set", f"output_dir={tmp_path}/out", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    args = _tune_cli(tmp_path)
     proc = subprocess.Popen(args, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     seen = []
     for line in proc.stdout:  # Ctrl-C as soon as the first trial is done
