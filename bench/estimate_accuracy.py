@@ -50,21 +50,18 @@ def predict(cfg):
     return estimate(load_job("jobs/llama3-8b-lora.yaml", overrides(*cfg)), "cuda").peak_reserved_gib
 
 
-def measure(cfg, base):
+def measure(cfg):
     import torch
 
-    from runner.checkpointing import apply_checkpointing, resolve_layers
     from runner.memory import PeakMemory
-    from runner.model import decoder_layers, wrap_lora
+    from runner.model import build_trainable
     from runner.spec import load_job
-    from runner.train import CausalLMLoss, train_step
+    from runner.worker import train_step
 
     spec = load_job("jobs/llama3-8b-lora.yaml", overrides(*cfg))
     device = torch.device("cuda")
-    model = wrap_lora(base, spec.lora)
-    apply_checkpointing(model, resolve_layers(spec.activation_checkpointing, len(decoder_layers(model))))
-    model.train()
-    net = CausalLMLoss(model, spec.training.loss, spec.training.loss_chunk_tokens)
+    built = build_trainable(spec, device)
+    model, net = built.model, built.net
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -86,9 +83,7 @@ def measure(cfg, base):
         memory.reset()
         train_step(net, model, Batches(), opt, sched, spec.training, device, 1)
         peak = max(peak, memory.peaks_gib()["peak_reserved_gib"])
-    del opt, sched, net, trainable
-    model.unload()  # back to the bare base for the next configuration
-    del model
+    del opt, sched, net, trainable, built, model
     torch.cuda.empty_cache()
     return peak
 
@@ -106,15 +101,10 @@ def main():
     import torch
     from gpu import hardware
 
-    from runner.model import build_model
-    from runner.spec import load_job
-
-    spec = load_job("jobs/llama3-8b-lora.yaml", ["model.init=random"])
-    base = build_model(spec.model, spec.lora, torch.device("cuda")).unload()
     rows = []
     for cfg in CONFIGS:
         try:
-            measured = measure(cfg, base)
+            measured = measure(cfg)
         except torch.OutOfMemoryError:
             measured = float("nan")
         predicted = predictions[CONFIGS.index(cfg)].result()

@@ -41,21 +41,16 @@ LABELS = {
 
 
 def run_variant(name: str, settings: list[tuple[int, int]], reps: int, r: int) -> dict:
-    from runner.checkpointing import apply_checkpointing
-    from runner.kernels import apply_kernels, compile_layers
-    from runner.model import build_model
+    from runner.model import build_trainable
+    from runner.recompute import apply_checkpointing
     from runner.spec import load_job
-    from runner.train import CausalLMLoss
 
     spec = load_job(JOB, ["model.init=random", f"lora.r={r}", f"lora.lora_alpha={2 * r}", *VARIANTS[name]])
     dev = torch.device("cuda")
     t0 = time.perf_counter()
-    model = build_model(spec.model, spec.lora, dev, seed=0)
-    apply_kernels(model, spec.training.kernels)
-    if spec.training.compile:
-        compile_layers(model)
+    trainable = build_trainable(spec, dev, layers=[])  # the job's levers; k is placed per setting below
+    model, net = trainable.model, trainable.net
     build_s = time.perf_counter() - t0
-    net = CausalLMLoss(model, spec.training.loss, spec.training.loss_chunk_tokens)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     gen = torch.Generator().manual_seed(0)

@@ -16,20 +16,19 @@ import time
 import torch
 
 from runner.data import IGNORE, MicroBatches, tokenize
-from runner.model import build_model, build_tokenizer
+from runner.model import build_tokenizer, build_trainable
 from runner.spec import load_job
-from runner.train import CausalLMLoss
 
 
 def run(packing: bool, seq: int, micro: int, max_micro: int) -> dict:
     spec = load_job("jobs/tiny-cpu.yaml", [f"data.packing={str(packing).lower()}", f"data.sequence_len={seq}",
                                            "data.val_fraction=0.0", "data.path=data/instructions.alpaca.jsonl",
-                                           "data.format=alpaca"])
+                                           "data.format=alpaca", "activation_checkpointing.count=0",
+                                           "training.loss=chunked"])
     tok = build_tokenizer(spec.tokenizer, spec.model)
     data = tokenize(spec.data, tok, seed=0)
     batches = MicroBatches(data.train, micro, tok.pad_token_id, 0)
-    model = build_model(spec.model, spec.lora, torch.device("cpu"), len(tok))
-    net = CausalLMLoss(model, "chunked", 1024)
+    net = build_trainable(spec, torch.device("cpu"), len(tok)).net
     n = min(max_micro, batches.per_epoch)
     positions = labels = 0
     start = time.perf_counter()

@@ -87,7 +87,7 @@ def seed_recipe(steps: int, accum: int) -> dict:
 
 def fitrun(steps: int, overrides: list[str]) -> dict:
     from runner.spec import load_job
-    from runner.train import run_train
+    from runner.launch import run_train
 
     import torch
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gpu import hardware
 from runner.spec import load_job
-from runner.train import run_train
+from runner.launch import run_train
 
 PLACEMENTS = {"none": ["activation_checkpointing.count=null", "activation_checkpointing.layers=none"],
               "all": ["activation_checkpointing.count=null", "activation_checkpointing.layers=all"],

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from runner.preflight import preflight
+from runner.submit import DEFAULT_ADDRESS
 from runner.spec import SpecError, load_job, load_search_space
 
 
@@ -21,11 +23,14 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("validate", help="check a job spec (or search space): every problem at once")
     _job_args(p)
-    p.add_argument("--space", help="also validate this search space YAML")
+    p.add_argument("--space", help="also validate this search space YAML, as `fitrun tune` would")
+    p.add_argument("--gpu-memory-gib", type=float, help="memory ceiling for the space (as `fitrun tune` takes it)")
 
     p = sub.add_parser("train", help="run a LoRA job through Ray Train, logged to MLflow")
     _job_args(p)
     p.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="resume even though the spec changed since the checkpoint (recorded in MLflow)")
 
     p = sub.add_parser("tune", help="search for the fastest config under a memory ceiling")
     _job_args(p)
@@ -41,21 +46,57 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", help="sweep checkpointed layers, e.g. k=0..32")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+    p = sub.add_parser("submit", help="submit a job (or, with --tune, a search) to a Ray cluster (Ray Jobs)")
+    _job_args(p)
+    p.add_argument("space", nargs="?", help="search space YAML (with --tune)")
+    p.add_argument("--tune", action="store_true", help="submit `fitrun tune JOB SPACE` instead of `fitrun train JOB`")
+    p.add_argument("--address", help=f"the cluster's dashboard address (default: RAY_ADDRESS or {DEFAULT_ADDRESS})")
+    for name, help_text in (("status", "a submitted job's state"), ("logs", "a submitted job's output"),
+                            ("stop", "stop a submitted job (its MLflow run is marked KILLED)")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("id", help="the submission id `fitrun submit` printed")
+        p.add_argument("--address", help="the cluster's dashboard address")
+        if name == "logs":
+            p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+
     args = parser.parse_args(argv)
+    if args.command in ("status", "logs", "stop"):
+        return _job_command(args)
     try:
         job = load_job(args.job, args.overrides)
         space = load_search_space(args.space) if getattr(args, "space", None) else None
+        if args.command in ("validate", "train", "tune", "submit"):
+            preflight(job, args.job)  # data, model, Ray address, output root: before Ray or a GPU
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     if args.command == "validate":
+        if space is not None:
+            from runner.model import model_config
+            from runner.spec import check_space
+
+            if args.gpu_memory_gib is not None:
+                space = space.model_copy(update={"gpu_memory_gib": args.gpu_memory_gib})
+            try:
+                check_space(job, space, model_config(job.model, allow_builtin=True).num_hidden_layers)
+            except SpecError as e:
+                print(f"error: {args.space}: {e}", file=sys.stderr)
+                return 2
         print(f"{args.job}: ok (global batch {job.global_batch_size})" + (f"; {args.space}: ok" if space else ""))
         return 0
     if args.command == "train":
-        from runner.train import run_train
+        from runner.launch import ResumeRefused, Stopped, run_train
 
-        summary = run_train(job, resume=not args.no_resume)
+        try:
+            summary = run_train(job, resume=not args.no_resume, allow_changes=args.allow_changes)
+        except (ResumeRefused, SpecError) as e:
+            print(f"error: {args.job}: {e}", file=sys.stderr)
+            return 2
+        except Stopped as e:
+            print(f"stopped by {e}: the MLflow run is marked KILLED; run the same command to resume from the "
+                  "latest checkpoint", file=sys.stderr, flush=True)
+            return 128 + e.signum
         print(json.dumps(summary, indent=2))
         return 0
     if args.command == "tune":
@@ -69,11 +110,33 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
+    if args.command == "submit":
+        from runner import submit
+
+        if args.tune != bool(args.space):
+            print("error: `fitrun submit --tune JOB SPACE` submits a search; `fitrun submit JOB` a training job",
+                  file=sys.stderr)
+            return 2
+        submit.submit(args.job, job, args.overrides, args.address, space=args.space)
+        return 0
     if args.command == "estimate":
         from runner.estimate import run_estimate_cli
 
         return run_estimate_cli(job, args.gpu_memory_gib, args.sweep, args.json)
     return 1
+
+
+def _job_command(args) -> int:
+    from runner import submit
+
+    if args.command == "status":
+        print(submit.status(args.id, args.address))
+    elif args.command == "logs":
+        submit.logs(args.id, args.address, args.follow)
+    else:
+        state = submit.stop(args.id, args.address)
+        print(f"{args.id}: {state}")
+    return 0
 
 
 if __name__ == "__main__":

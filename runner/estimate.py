@@ -19,10 +19,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from runner.checkpointing import apply_checkpointing, resolve_layers
 from runner.memory import GIB, TensorMemory
-from runner.model import DTYPES, decoder_layers, model_config, wrap_lora
-from runner.spec import JobSpec
+from runner.model import Trainable, build_trainable, model_config, resolve_dtype
+from runner.recompute import decoder_layers, resolve_layers
+from runner.spec import ActivationCheckpointingSpec, JobSpec
 
 # CUDA-only terms, fitted to the five runs of bench/results/train-placements-2026-11-29.md (8B, H200):
 # measured allocated = traced + 0.22 GiB in all five (cuBLAS workspaces, fused-AdamW scratch), and
@@ -35,6 +35,11 @@ RESERVED_OVERHEAD = 0.049
 # tensors. Neither can run on fake tensors, so the eager trace is scaled by the ratio measured on the
 # 8B (mixed adapters, micro-batch 1 and 2, bench/results/levers-8b-2026-11-29.md): 0.75 and 0.73.
 FUSED_SAVED_RATIO = {"compile": 0.75, "liger": 0.73}
+# Bytes per weight of a quantized frozen linear (model.quantization), from bitsandbytes' layouts:
+# nf4 packs two weights a byte, plus an 8-bit absmax per 64 weights and, double-quantized, an fp32
+# scale per 256 absmax values; int8 is one byte plus an fp32 scale per row (not counted: < 0.1%).
+# Analytic, not yet measured on a GPU.
+QUANTIZED_BYTES_PER_WEIGHT = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
 
 
 @dataclass
@@ -54,18 +59,11 @@ class Estimate:
         return {**asdict(self), "peak_gib": self.peak_gib}
 
 
-def _fake_model(spec: JobSpec, dtype: torch.dtype, fake: FakeTensorMode) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    config = model_config(spec.model, allow_builtin=True)
-    config.use_cache = False
-    config._attn_implementation = spec.model.attn_implementation if spec.model.attn_implementation != \
-        "flash_attention_2" else "sdpa"  # same saved tensors as flash; the CPU trace cannot load flash-attn
-    with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model = wrap_lora(base, spec.lora, spec.training.seed)
+def _fake_trainable(spec: JobSpec, target: str, layers: list[int] | None, fake: FakeTensorMode) -> Trainable:
+    """The job's real model classes and levers, built on the meta device, then given fake tensors."""
+    trainable = build_trainable(spec, torch.device("meta"), layers=layers, target=target)
     with fake:
-        for mod in model.modules():
+        for mod in trainable.model.modules():
             for n, p in list(mod._parameters.items()):
                 if p is not None:
                     mod._parameters[n] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
@@ -73,8 +71,7 @@ def _fake_model(spec: JobSpec, dtype: torch.dtype, fake: FakeTensorMode) -> torc
             for n, b in list(mod._buffers.items()):
                 if b is not None:
                     mod._buffers[n] = torch.empty(b.shape, dtype=b.dtype)
-    model.train()
-    return model
+    return trainable
 
 
 @contextmanager
@@ -94,21 +91,11 @@ def _as_eager_run():
 
 def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None = None) -> Estimate:
     """Peak memory of one training step of `spec` on `target` ('cuda' or 'cpu'; default from the spec)."""
-    from runner.train import CausalLMLoss
-
     target = target or ("cuda" if spec.resources.use_gpu else "cpu")
-    dtype = DTYPES[spec.model.dtype] if spec.model.dtype != "auto" else \
-        (torch.bfloat16 if target == "cuda" else torch.float32)
+    dtype = resolve_dtype(spec.model, target)
     fake = FakeTensorMode()
-    model = _fake_model(spec, dtype, fake)
-    num_layers = len(decoder_layers(model))
-    if layers is None:
-        layers = resolve_layers(spec.activation_checkpointing, num_layers)
-    apply_checkpointing(model, layers, policy=spec.activation_checkpointing.policy)
-    # Liger's fused linear-CE keeps one chunk of logits at a time, as the chunked loss does (and
-    # Triton cannot run on fake tensors): trace the chunked loss in its place.
-    loss_kind = "chunked" if spec.training.loss == "liger" else spec.training.loss
-    net = CausalLMLoss(model, loss_kind, spec.training.loss_chunk_tokens)
+    built = _fake_trainable(spec, target, layers, fake)
+    model, net, layers = built.model, built.net, built.layers
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     b, s = spec.training.micro_batch_size, spec.data.sequence_len
@@ -125,6 +112,19 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
         peak = memory.peak
 
     weights = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)
+    quantization = spec.model.quantization
+    dequantized = 0
+    if quantization != "none":  # the trace holds the linears in the model dtype; bitsandbytes packs them
+        linears = [m.weight for layer in decoder_layers(model)
+                   for m in layer.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+        linear_bytes = sum(w.numel() * w.element_size() for w in linears)
+        packed = sum(w.numel() for w in linears) * QUANTIZED_BYTES_PER_WEIGHT[quantization]
+        weights -= linear_bytes - packed
+        peak -= linear_bytes - packed
+        after_forward -= linear_bytes - packed
+        forward_peak -= linear_bytes - packed
+        dequantized = max(w.numel() * dtype.itemsize for w in linears)  # one weight dequantized at a time
+        peak += dequantized
     lora = sum(p.numel() * p.element_size() for p in trainable)
     optimizer_state = 2 * lora  # AdamW exp_avg + exp_avg_sq, in the parameters' dtype
     ddp_buckets = lora if spec.resources.num_workers > 1 else 0
@@ -149,6 +149,7 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
         "logits_loss_transient": forward_peak - after_forward,
         "backward_transient": peak - after_forward - lora,
         "ddp_buckets": ddp_buckets,
+        "dequantized_weight": dequantized,
         "cuda_workspaces": cuda_extra,
         "allocator_overhead": overhead,
     }
@@ -157,28 +158,18 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
                     peak_allocated_gib=allocated / GIB, peak_reserved_gib=(allocated + overhead) / GIB)
 
 
-def sweep_k(spec: JobSpec, ks: list[int], target: str | None = None, placement: str | None = None,
-            exact: bool = False) -> dict[int, Estimate]:
-    """Estimates for several checkpointed-layer counts. Memory is piecewise linear in k (each
-    checkpointed layer trades its saved activations for its input), so unless `exact`, only
-    every 8th k and the ends are traced and the rest interpolated."""
-    from runner.checkpointing import resolve_layers as place
-    from runner.spec import ActivationCheckpointingSpec
-
-    placement = placement or spec.activation_checkpointing.placement
+def k_anchors(ks: list[int]) -> list[int]:
+    """The k values to trace; memory is piecewise linear in k (each checkpointed layer trades its
+    saved activations for its input), so every 8th k and the ends are enough."""
     ks = sorted(set(ks))
-    num_layers = model_config(spec.model, allow_builtin=True).num_hidden_layers
+    return ks if len(ks) <= 3 else sorted({ks[0], ks[-1], *[k for k in ks if k % 8 == 0]})
 
-    def one(k: int) -> Estimate:
-        layers = place(ActivationCheckpointingSpec(count=k, placement=placement), num_layers)
-        return estimate(spec, target, layers)
 
-    if exact or len(ks) <= 3:
-        return {k: one(k) for k in ks}
-    anchors = sorted({ks[0], ks[-1], *[k for k in ks if k % 8 == 0]})
-    traced = {k: one(k) for k in anchors}
+def interpolate_k(traced: dict[int, Estimate], ks: list[int]) -> dict[int, Estimate]:
+    """Estimates at every k from the traced anchors, linear in between."""
+    anchors = sorted(traced)
     out = {}
-    for k in ks:
+    for k in sorted(set(ks)):
         if k in traced:
             out[k] = traced[k]
             continue
@@ -192,6 +183,21 @@ def sweep_k(spec: JobSpec, ks: list[int], target: str | None = None, placement: 
                           peak_allocated_gib=a.peak_allocated_gib * (1 - w) + c.peak_allocated_gib * w,
                           peak_reserved_gib=a.peak_reserved_gib * (1 - w) + c.peak_reserved_gib * w)
     return out
+
+
+def estimate_at_k(spec: JobSpec, k: int, placement: str, num_layers: int, target: str | None = None) -> Estimate:
+    layers = resolve_layers(ActivationCheckpointingSpec(count=k, placement=placement), num_layers)
+    return estimate(spec, target, layers)
+
+
+def sweep_k(spec: JobSpec, ks: list[int], target: str | None = None, placement: str | None = None,
+            exact: bool = False) -> dict[int, Estimate]:
+    """Estimates for several checkpointed-layer counts: the anchors traced, the rest interpolated
+    (every k traced if `exact`)."""
+    placement = placement or spec.activation_checkpointing.placement
+    num_layers = model_config(spec.model, allow_builtin=True).num_hidden_layers
+    traced = {k: estimate_at_k(spec, k, placement, num_layers, target) for k in (ks if exact else k_anchors(ks))}
+    return interpolate_k(traced, ks)
 
 
 def parse_sweep(text: str) -> list[int]:

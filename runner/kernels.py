@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from runner.model import decoder_layers
+from runner.recompute import decoder_layers
 
 LIGER_HINT = "pip install liger-kernel (Triton kernels; CUDA only)"
 

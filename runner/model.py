@@ -1,15 +1,24 @@
-"""Tokenizer, the HF model (pretrained, or an architecture with random weights), PEFT LoRA wrapping."""
+"""Tokenizer, the HF model (pretrained, or an architecture with random weights), PEFT LoRA wrapping,
+and `build_trainable`: the one place where a job's model is put together with all its levers."""
 
 from __future__ import annotations
 
+import functools
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
-from runner.spec import LoraSpec, ModelSpec, TokenizerSpec
+from runner.kernels import apply_kernels, compile_layers
+from runner.loss import CausalLMLoss
+from runner.recompute import apply_checkpointing, check_gradient_flow, decoder_layers, lora_parameters, resolve_layers
+from runner.spec import JobSpec, LoraSpec, ModelSpec, TokenizerSpec
+
+__all__ = ["Trainable", "build_trainable", "build_model", "build_tokenizer", "decoder_layers", "lora_parameters",
+           "model_config", "preset_config", "wrap_lora"]
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -30,9 +39,10 @@ def preset_config(preset: str) -> LlamaConfig:
     raise ValueError(f"unknown model preset {preset!r}")
 
 
-def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
+def resolve_dtype(spec: ModelSpec, target: str) -> torch.dtype:
+    """The weights' dtype on `target` ('cuda' or 'cpu')."""
     if spec.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if target == "cuda" else torch.float32
     return DTYPES[spec.dtype]
 
 
@@ -42,12 +52,43 @@ KNOWN_ARCHITECTURES = {"meta-llama/Meta-Llama-3-8B": "llama3-8b", "meta-llama/Me
 SHIPPED_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "tokenizer"
 
 
+@functools.lru_cache(maxsize=None)
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One quick TCP connect to the hub per process (never with HF_HUB_OFFLINE=1), instead of the
+    hub client's retries with backoff for every file when there is no network."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_hub_or_cache(loader, source: str, **kw):
+    """`loader.from_pretrained(source)`: local dirs and the local cache first, the hub only if reachable."""
+    if Path(source).exists():
+        return loader.from_pretrained(source, **kw)
+    try:
+        return loader.from_pretrained(source, local_files_only=True, **kw)
+    except OSError:
+        if not hub_reachable():
+            raise OSError(f"{source}: not in the local Hugging Face cache and the hub is unreachable "
+                          "(HF_HUB_OFFLINE or no network)") from None
+        return loader.from_pretrained(source, **kw)
+
+
 def model_config(spec: ModelSpec, allow_builtin: bool = False):
     """The architecture; `allow_builtin` (or init=random) falls back to a known hub id's built-in config."""
     if spec.preset:
         return preset_config(spec.preset)
     try:
-        return AutoConfig.from_pretrained(spec.name_or_path)
+        return _from_hub_or_cache(AutoConfig, spec.name_or_path)
     except OSError:
         if (spec.init == "random" or allow_builtin) and spec.name_or_path in KNOWN_ARCHITECTURES:
             warnings.warn(f"config for {spec.name_or_path} unreachable; model.init=random uses the built-in "
@@ -61,7 +102,7 @@ def build_tokenizer(tokenizer: TokenizerSpec, model: ModelSpec) -> PreTrainedTok
     if source is None:
         raise ValueError("tokenizer.name_or_path is required with a model.preset (presets have no tokenizer)")
     try:
-        tok = AutoTokenizer.from_pretrained(source)
+        tok = _from_hub_or_cache(AutoTokenizer, source)
     except OSError:
         if not (model.init == "random" and tokenizer.name_or_path is None and SHIPPED_TOKENIZER.is_dir()):
             raise
@@ -76,24 +117,125 @@ def build_tokenizer(tokenizer: TokenizerSpec, model: ModelSpec) -> PreTrainedTok
     return tok
 
 
+@dataclass
+class Trainable:
+    """A job's model with its levers applied, and the module the training loop calls."""
+
+    model: PeftModel
+    net: CausalLMLoss          # model + loss: one forward, what DDP wraps
+    layers: list[int]          # decoder layers that recompute in backward
+    num_layers: int
+
+
+def build_trainable(spec: JobSpec, device: torch.device, vocab_size: int | None = None,
+                    layers: list[int] | None = None, check_batch: dict | None = None,
+                    target: str | None = None) -> Trainable:
+    """Base model + LoRA + every lever of the job, in the order they must apply: recompute
+    placement, fused kernels, the gradient-flow check (on `check_batch`), then compile.
+
+    A new lever belongs here and nowhere else. On the meta device (the estimate's trace, planned
+    for `target`) nothing can run: kernels, compile and offload are left to the estimate's measured
+    terms, and Liger's loss is traced as the chunked loss it equals in memory.
+    """
+    meta = device.type == "meta"
+    target = target or device.type
+    base = build_base(spec.model, device, vocab_size, spec.training.seed, target)
+    if spec.model.quantization != "none" and not meta:
+        quantize_linear_layers(base, spec.model.quantization, device)
+    model = wrap_lora(base, spec.lora, spec.training.seed)
+    num_layers = len(decoder_layers(model))
+    ac = spec.activation_checkpointing
+    layers = resolve_layers(ac, num_layers) if layers is None else layers
+    apply_checkpointing(model, layers, ac.offload and device.type == "cuda", ac.policy)
+    if not meta:
+        apply_kernels(model, spec.training.kernels)
+    model.train()
+    if check_batch is not None and spec.training.check_gradient_flow:
+        check_gradient_flow(model, check_batch)
+    if spec.training.compile and not meta:
+        compile_layers(model)  # after the check: its short eager slice must not trigger a compile
+    loss_kind = "chunked" if meta and spec.training.loss == "liger" else spec.training.loss
+    return Trainable(model, CausalLMLoss(model, loss_kind, spec.training.loss_chunk_tokens), layers, num_layers)
+
+
 def build_model(spec: ModelSpec, lora: LoraSpec, device: torch.device, vocab_size: int | None = None,
                 seed: int = 0) -> PeftModel:
-    """The base model in `spec.dtype` on `device`, frozen, wrapped with LoRA adapters."""
-    dtype = resolve_dtype(spec, device)
-    config = model_config(spec)
+    """The base model wrapped with LoRA adapters and nothing else (the seed recipe's starting point)."""
+    return wrap_lora(build_base(spec, device, vocab_size, seed), lora, seed)
+
+
+def build_base(spec: ModelSpec, device: torch.device, vocab_size: int | None = None, seed: int = 0,
+               target: str | None = None) -> torch.nn.Module:
+    """The base model in `spec.dtype` on `device`. The meta device builds the architecture only (for
+    the estimate), in the dtype planned for `target`. A base that will be quantized from random
+    weights is built on the CPU and reaches `device` layer by layer, quantized."""
+    meta = device.type == "meta"
+    quantize_later = spec.quantization != "none" and spec.init == "random" and not meta
+    build_device = torch.device("cpu") if quantize_later else device
+    dtype = resolve_dtype(spec, target or device.type)
+    config = model_config(spec, allow_builtin=meta)
     config.use_cache = False  # a training forward must not build a KV cache (it keeps activations alive)
-    config._attn_implementation = spec.attn_implementation
+    # The trace cannot load flash-attn; SDPA saves the same tensors.
+    attn = "sdpa" if meta and spec.attn_implementation == "flash_attention_2" else spec.attn_implementation
+    config._attn_implementation = attn
     if vocab_size is not None and vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocabulary has {config.vocab_size}")
-    if spec.init == "random":
+    if meta:
+        with torch.device("meta"):
+            base = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    elif spec.init == "random":
         torch.manual_seed(seed)
-        with torch.device(device):
+        with torch.device(build_device):
             base = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=spec.attn_implementation)
     else:
         base = AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=dtype, device_map={"": device},
-                                                    attn_implementation=spec.attn_implementation)
+                                                    attn_implementation=spec.attn_implementation,
+                                                    quantization_config=bnb_config(spec.quantization, dtype))
     base.config.use_cache = False
-    return wrap_lora(base, lora, seed)
+    return base
+
+
+def bnb_config(quantization: str, compute_dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for `model.quantization` (None for `none`): QLoRA's nf4 with
+    double quantization, or LLM.int8()."""
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def quantize_linear_layers(base: torch.nn.Module, quantization: str, device: torch.device) -> None:
+    """Quantize the decoder layers' frozen linear weights in place (bitsandbytes), as loading with
+    `bnb_config` does, for a base built with random weights; the rest of the model moves to `device`.
+    A pretrained base was quantized while loading (its linears are bitsandbytes modules already)."""
+    import bitsandbytes as bnb
+
+    if any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in base.modules()):
+        return
+    compute_dtype = next(base.parameters()).dtype
+    for layer in decoder_layers(base):
+        for name, child in list(layer.named_modules()):
+            if not isinstance(child, torch.nn.Linear):
+                continue
+            parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
+            if quantization == "nf4":
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)
+            else:
+                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                        has_fp16_weights=False)
+                q.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
+            if child.bias is not None:
+                q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, name.rsplit(".", 1)[-1], q.to(device))  # bitsandbytes quantizes on the move
+    base.to(device)
+    base.is_loaded_in_4bit, base.is_loaded_in_8bit = quantization == "nf4", quantization == "int8"
 
 
 def wrap_lora(base: torch.nn.Module, lora: LoraSpec, seed: int = 0) -> PeftModel:
@@ -134,13 +276,3 @@ def compute_adapters_in_input_dtype(model: torch.nn.Module) -> None:
                 for linear in adapters.values():
                     linear.forward = MethodType(_linear_in_input_dtype, linear)
 
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder layers, in order: the modules transformers makes checkpointable."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
-def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -7,11 +7,12 @@ problem at once (dotted path + what to do) as one `SpecError`, before Ray or a G
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class SpecError(ValueError):
@@ -45,6 +46,10 @@ class ModelSpec(_Strict):
     """Weight and compute dtype; `auto` is bfloat16 on GPU and float32 on CPU."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel, as transformers names it."""
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    """Frozen base weights quantized by bitsandbytes (QLoRA): `nf4` (4-bit NormalFloat, double
+    quantization, compute in the model dtype) or `int8`; LoRA adapters stay in their own dtype.
+    CUDA only (`pip install bitsandbytes`)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
@@ -159,6 +164,9 @@ class TrainingSpec(_Strict):
     """Before training, verify every LoRA parameter gets a non-zero gradient (fail fast)."""
     measure_warmup_steps: int = Field(1, ge=0)
     """Optimizer steps excluded from the steady-state tokens/s summary."""
+    max_failures: int | None = Field(None, ge=-1)
+    """Automatic restarts after a worker dies (Ray Train's FailureConfig), each from the latest
+    checkpoint; -1 is unlimited. Default: 3 on a cluster (resources.address set), else 0."""
 
 
 class ResourcesSpec(_Strict):
@@ -182,7 +190,8 @@ class TrackingSpec(_Strict):
 
 class JobSpec(_Strict):
     name: str = "job"
-    """Job name: the Ray run name and the default MLflow run name."""
+    """Job name: the Ray run name, the default MLflow run name and the `{name}` of output_dir; letters,
+    digits, `.`, `_` and `-` only, so it can never leave the output root."""
     model: ModelSpec
     tokenizer: TokenizerSpec = TokenizerSpec()
     data: DataSpec
@@ -194,9 +203,20 @@ class JobSpec(_Strict):
     output_dir: str = "outputs/{name}"
     """Adapters, checkpoints and Ray storage; `{name}` is replaced by the job name."""
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+            raise ValueError("use letters, digits, '.', '_' and '-' (starting with a letter or digit): the name is a "
+                             "directory under the output root and must not leave it")
+        return name
+
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobSpec":
         problems = []
+        if self.model.quantization != "none" and not self.resources.use_gpu:
+            problems.append(f"model.quantization: {self.model.quantization} runs bitsandbytes kernels: it needs "
+                            "resources.use_gpu: true")
         if self.resources.gpu_memory_gib is not None and not self.resources.use_gpu:
             problems.append("resources.gpu_memory_gib needs resources.use_gpu: true")
         liger = [f for f, on in (("training.kernels: liger", self.training.kernels == "liger"),
@@ -216,6 +236,11 @@ class JobSpec(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def resolved_max_failures(self) -> int:
+        t = self.training
+        return t.max_failures if t.max_failures is not None else (3 if self.resources.address else 0)
 
     @property
     def global_batch_size(self) -> int:
@@ -242,8 +267,6 @@ class CheckpointDimension(_Strict):
     """Checkpointed-layer counts: a list, or {min, max} (inclusive). Default: 0..num_layers."""
     placements: list[Literal["first", "last", "every_n"]] = ["first"]
     """Placement strategies to try for each k."""
-    layer_sets: list[list[int]] = []
-    """Explicit layer sets to try as well."""
     policies: list[Literal["full", "selective"]] | None = None
     """Recompute policies to try (default: the job's): selective keeps matmul outputs, costs memory, saves time."""
     offloads: list[bool] | None = None
@@ -256,6 +279,8 @@ class SearchSpaceSpec(_Strict):
     """LoRA ranks to try; default: the job's."""
     adapter_dtypes: list[Literal["float32", "model", "mixed"]] | None = None
     """LoRA adapter dtypes to try (default: the job's); `mixed` and `model` save memory (see lora.adapter_dtype)."""
+    quantizations: list[Literal["none", "nf4", "int8"]] | None = None
+    """Base-weight quantizations to try (default: the job's; see model.quantization)."""
     lora_alpha_rule: str = "2*r"
     """lora_alpha as a function of r: `2*r`, `r`, `16` (a constant), ..."""
     gradient_accumulation_steps: list[int] | None = None
@@ -264,7 +289,6 @@ class SearchSpaceSpec(_Strict):
     """Memory ceiling; on CPU it bounds measured tensor memory."""
     safety_margin_gib: float = Field(0.5, ge=0)
     """Headroom kept below the ceiling (CUDA context, fragmentation)."""
-    objective: Literal["tokens_per_s"] = "tokens_per_s"
     searcher: Literal["fit", "random"] = "fit"
     """`fit`: structured smallest-k-that-fits search; `random`: generic sampling of the grid, for comparison."""
     num_samples: int = Field(20, gt=0)
@@ -281,6 +305,56 @@ class SearchSpaceSpec(_Strict):
     max_concurrent_trials: int | None = Field(None, gt=0)
     exclusive_finalists: int = Field(3, ge=0)
     """Re-measure the top N feasible configs alone on the device (uncontended speed)."""
+
+    @property
+    def limit_gib(self) -> float | None:
+        """The largest peak that counts as fitting: the ceiling less the safety margin."""
+        return None if self.gpu_memory_gib is None else self.gpu_memory_gib - self.safety_margin_gib
+
+
+def alpha_for(rule: str, r: int) -> float:
+    """`2*r`, `r`, `16`: lora_alpha as an arithmetic expression of r (nothing else is allowed)."""
+    allowed = set("0123456789.*+-/() r")
+    if not set(rule) <= allowed:
+        raise SpecError("search space", [f"lora_alpha_rule: only numbers, r and + - * / ( ), got {rule!r}"])
+    return float(eval(rule, {"__builtins__": {}}, {"r": r}))  # noqa: S307 - characters checked above
+
+
+def check_space(job: JobSpec, space: SearchSpaceSpec, num_layers: int) -> None:
+    """Everything about a space that needs the job and the model's depth; all problems at once.
+    `fitrun validate --space` and `fitrun tune` both call this, so they accept the same spaces."""
+    problems = []
+    workers, global_batch = job.resources.num_workers, job.global_batch_size
+    accums = space.gradient_accumulation_steps or [job.training.gradient_accumulation_steps]
+    bad = [a for a in accums if global_batch % (a * workers)]
+    if bad:
+        problems.append(f"gradient_accumulation_steps: {bad} do not divide the job's global batch {global_batch} "
+                        f"(= micro {job.training.micro_batch_size} x accum {job.training.gradient_accumulation_steps}"
+                        f" x workers {workers}); use divisors of {global_batch // workers}")
+    k = space.activation_checkpointing.k
+    if isinstance(k, dict) and set(k) != {"min", "max"}:
+        problems.append(f"activation_checkpointing.k: a range is {{min: A, max: B}}, got {k}")
+    else:
+        ks = list(range(num_layers + 1)) if k is None else \
+            list(range(k["min"], k["max"] + 1)) if isinstance(k, dict) else list(k)
+        if not ks:
+            problems.append(f"activation_checkpointing.k: empty, got {k}")
+        elif min(ks) < 0 or max(ks) > num_layers:
+            problems.append(f"activation_checkpointing.k: must lie in 0..{num_layers} (the model's layers), "
+                            f"got {min(ks)}..{max(ks)}")
+    if space.gpu_memory_gib is None:
+        problems.append("gpu_memory_gib: set a ceiling (in the space file or with --gpu-memory-gib)")
+    quantized = [q for q in (space.quantizations or []) if q != "none"]
+    if quantized and not job.resources.use_gpu:
+        problems.append(f"quantizations: {quantized} need resources.use_gpu: true in the job")
+    try:
+        alpha_for(space.lora_alpha_rule, 8)
+    except SpecError as e:
+        problems += e.problems
+    except Exception as e:  # a malformed expression
+        problems.append(f"lora_alpha_rule: cannot evaluate {space.lora_alpha_rule!r}: {e}")
+    if problems:
+        raise SpecError("search space", problems)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,8 +3,11 @@ spec flattened, metrics per step, artifacts = resolved spec YAML, adapter, plots
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunStatus
@@ -15,10 +18,39 @@ from runner.spec import TrackingSpec, flatten
 PARAM_MAX_CHARS = 6000
 
 
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """`http://user:pw@host/...` -> (`http://host/...`, {MLFLOW_TRACKING_USERNAME: user, ..._PASSWORD: pw})."""
+    parts = urlsplit(uri)
+    if not (parts.username or parts.password):
+        return uri, {}
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    env = {k: unquote(v) for k, v in zip(CREDENTIAL_ENV, (parts.username, parts.password)) if v}
+    return urlunsplit(parts._replace(netloc=host)), env
+
+
+def redact(text: str) -> str:
+    """Any `scheme://user:secret@host` inside `text` with the credentials masked."""
+    return re.sub(r"(\w+://)[^/@\s:]+(:[^/@\s]*)?@", r"\1***@", text)
+
+
+def without_credentials(spec):
+    """The job with credentials moved from its tracking URI into MLflow's own environment variables
+    (MLFLOW_TRACKING_USERNAME/PASSWORD), so no param, artifact, log line or error message holds them."""
+    if not spec.tracking.tracking_uri:
+        return spec
+    clean, env = split_credentials(spec.tracking.tracking_uri)
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+    return spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"tracking_uri": clean})})
+
+
 def tracking_uri(spec: TrackingSpec) -> str:
     """The spec's URI, else MLflow's own default (sqlite:///mlflow.db) made absolute for Ray workers."""
     if spec.tracking_uri:
-        uri = spec.tracking_uri
+        uri = split_credentials(spec.tracking_uri)[0]
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
             uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).absolute())
         return uri
@@ -45,9 +77,7 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any] |
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     flat = flatten(params)
     items = [Param(k, str(v)[:PARAM_MAX_CHARS]) for k, v in flat.items()]
-    client = MlflowClient(uri)
-    for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i:i + 100])
+    MlflowClient(uri).log_batch(run_id, params=items)  # the client splits it into the store's batch limits
 
 
 def find_run(uri: str, experiment: str, filter_string: str) -> str | None:
@@ -86,6 +116,16 @@ class RunLogger:
     def artifact(self, local_file: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_file), artifact_path)
 
-    def end(self, ok: bool) -> None:
-        status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+    def status(self) -> str:
+        return self.client.get_run(self.run_id).info.status
+
+    def last_step(self, metric: str) -> int:
+        """The highest step already logged for `metric` (0 if none): a resumed run logs after it."""
+        return max((m.step for m in self.client.get_metric_history(self.run_id, metric)), default=0)
+
+    def end(self, ok: bool, status: str | None = None, reason: str | None = None) -> None:
+        """FINISHED if ok, else `status` (FAILED unless given, e.g. KILLED), with the reason as a tag."""
+        if reason:
+            self.client.set_tag(self.run_id, "fitrun.end_reason", redact(reason)[:5000])
+        status = status or RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
         self.client.set_terminated(self.run_id, status=status)

@@ -52,22 +52,18 @@ def tiny_batch(batch: int = 2, seq: int = 32, seed: int = 0, vocab: int = 1024):
 def measure_in_process(spec, steps: int = 3, pad_to_full: bool = False) -> tuple[float, float]:
     """(peak tensor GiB, median micro-batch seconds) of `steps` optimizer steps of `spec`, in this
     process, through the worker's own `train_step`; the peak covers steps with AdamW state."""
-    from runner.checkpointing import apply_checkpointing, resolve_layers
     from runner.data import MicroBatches, tokenize
     from runner.memory import PeakMemory
-    from runner.model import build_model, build_tokenizer, decoder_layers
-    from runner.train import CausalLMLoss, train_step
+    from runner.model import build_tokenizer, build_trainable
+    from runner.worker import train_step
 
     t = spec.training
     tok = build_tokenizer(spec.tokenizer, spec.model)
     data = tokenize(spec.data, tok)
     pad_to = spec.data.sequence_len if pad_to_full or not spec.data.packing else None
     batches = MicroBatches(data.train, t.micro_batch_size, tok.pad_token_id, 0, pad_to=pad_to)
-    model = build_model(spec.model, spec.lora, torch.device("cpu"), len(tok))
-    ac = spec.activation_checkpointing
-    apply_checkpointing(model, resolve_layers(ac, len(decoder_layers(model))), policy=ac.policy)
-    model.train()
-    net = CausalLMLoss(model, t.loss, t.loss_chunk_tokens)
+    trainable = build_trainable(spec, torch.device("cpu"), len(tok))
+    model, net = trainable.model, trainable.net
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     memory = PeakMemory(torch.device("cpu"), list(model.parameters()))

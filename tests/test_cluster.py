@@ -1,50 +1,211 @@
-"""The same job submitted to a real two-node Ray cluster (`ray start --head` + a second `ray start`
-on this machine): two Ray Train workers, one per node, DDP over gloo, logged to MLflow."""
+"""fitrun on a real Ray cluster: `ray start --head` (token auth on, its own temp dir and ports) plus a
+second `ray start` node on this machine. Submit, stop, kill a worker, kill the driver, resume. The
+teardown stops only the processes of this cluster (found by its temp dir), never `ray stop`."""
 
+import json
 import os
+import secrets
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture()
-def two_node_cluster():
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _stop_processes_under(temp: str) -> None:
+    """SIGTERM, then SIGKILL, every process whose command line names this cluster's temp dir, and its children."""
+    mine = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp in part for part in (p.info["cmdline"] or [])):
+                mine += [p, *p.children(recursive=True)]
+        except psutil.Error:
+            continue
+    for p in mine:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(mine, timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A head and a second node, token auth on; yields (gcs address, dashboard URL, env with the token)."""
     ray = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    port = "6391"
+    token = secrets.token_hex(16)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "FITRUN_PROGRESS": "0",
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's unix sockets live under it
-    loopback = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
-    subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}",
-                    *loopback], check=True, env=env, capture_output=True, timeout=120)
+    gcs, dashboard, client_port, *rest = _free_ports(12)
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+    head = [ray, "start", "--head", f"--port={gcs}", f"--temp-dir={temp}", "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client_port}",
+            f"--dashboard-agent-listen-port={rest[0]}", f"--metrics-export-port={rest[1]}",
+            f"--runtime-env-agent-port={rest[2]}", f"--dashboard-agent-grpc-port={rest[3]}", *common]
+    worker = [ray, "start", f"--address=127.0.0.1:{gcs}", f"--dashboard-agent-listen-port={rest[4]}",
+              f"--metrics-export-port={rest[5]}", f"--runtime-env-agent-port={rest[6]}",
+              f"--dashboard-agent-grpc-port={rest[7]}", *common]
     try:
-        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", *loopback], check=True, env=env,
-                       capture_output=True, timeout=120)
-        yield f"127.0.0.1:{port}"
+        subprocess.run(head, check=True, env=env, capture_output=True, timeout=180)
+        subprocess.run(worker, check=True, env=env, capture_output=True, timeout=180)
+        yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", env
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_processes_under(temp)
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_two_workers_on_two_nodes(root, tmp_path, two_node_cluster):
-    args = [sys.executable, "-m", "runner", "train", "jobs/tiny-cpu.yaml",
-            "--set", f"resources.address={two_node_cluster}", "--set", "resources.num_workers=2",
-            "--set", "training.micro_batch_size=2", "--set", "training.max_steps=4", "--set", "training.save_steps=null",
-            "--set", "training.logging_steps=2", "--set", f"output_dir={tmp_path}/out",
-            "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
-    out = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "FITRUN_PROGRESS": "0", "RAY_AUTH_MODE": "disabled"})
+def fitrun(root, *args, env, timeout=600):
+    return subprocess.run([sys.executable, "-m", "runner", *args], cwd=root, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def tiny(tmp_path, *extra) -> list[str]:
+    return ["jobs/tiny-cpu.yaml", "--set", f"output_dir={tmp_path}/out",
+            "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", *extra]
+
+
+def the_run(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("fitrun-tiny").experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]  # one MLflow run per job, across restarts
+    return client, runs[0]
+
+
+def logged_steps(client, run) -> list[int]:
+    return [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+
+
+def wait_for_line(proc, prefix: str, min_step: int = 0, timeout_s: float = 300) -> list[str]:
+    """Read the process's output until a line starting with `prefix` (a step line past `min_step`)."""
+    seen, deadline = [], time.monotonic() + timeout_s
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(prefix) and (not min_step or int(line.split()[1].split("/")[0]) >= min_step):
+            return seen
+        assert time.monotonic() < deadline, "".join(seen[-50:])
+    raise AssertionError("process ended first:\n" + "".join(seen[-80:]))
+
+
+def test_two_workers_on_two_nodes(root, tmp_path, cluster):
+    address, _, env = cluster
+    out = fitrun(root, "train", *tiny(tmp_path, "--set", f"resources.address={address}", "--set",
+                                      "resources.num_workers=2", "--set", "training.micro_batch_size=2", "--set",
+                                      "training.max_steps=4", "--set", "training.save_steps=null", "--set",
+                                      "training.logging_steps=2"), env=env)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
-    assert "batch: micro 2 x accum 2 x workers 2 = global 8" in log
-    assert "world_size=2" in log
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("fitrun-tiny").experiment_id])
+    assert "batch: micro 2 x accum 2 x workers 2 = global 8" in log and "world_size=2" in log
+    client, run = the_run(tmp_path)
     assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4]  # rank 0 only
+    assert logged_steps(client, run) == [2, 4]  # rank 0 only
     assert (tmp_path / "out/adapter/adapter_model.safetensors").exists()
+
+
+def test_submit_status_logs_with_token_auth(root, tmp_path, cluster):
+    _, dashboard, env = cluster
+    out = fitrun(root, "submit", *tiny(tmp_path, "--set", "training.max_steps=6", "--set", "training.save_steps=3"),
+                 "--address", dashboard, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    job_id = next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("submitted "))
+    assert str(tmp_path / "out") in out.stdout
+    deadline = time.monotonic() + 400
+    while (state := fitrun(root, "status", job_id, "--address", dashboard, env=env).stdout.strip()) in \
+            ("PENDING", "RUNNING"):
+        assert time.monotonic() < deadline
+        time.sleep(3)
+    logs = fitrun(root, "logs", job_id, "--address", dashboard, env=env).stdout
+    assert state == "SUCCEEDED", logs[-4000:]
+    assert "step     6/6" in logs
+    client, run = the_run(tmp_path)  # written where the job said, not in Ray's temporary working-dir copy
+    assert run.info.status == "FINISHED" and logged_steps(client, run) == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / "out/adapter/adapter_model.safetensors").exists()
+    no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+    no_token["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "missing")
+    refused = fitrun(root, "status", job_id, "--address", dashboard, env=no_token)
+    assert refused.returncode != 0  # the cluster enforces the token
+
+
+def test_stop_marks_the_run_killed(root, tmp_path, cluster):
+    _, dashboard, env = cluster
+    out = fitrun(root, "submit", *tiny(tmp_path, "--set", "training.max_steps=400"), "--address", dashboard, env=env)
+    job_id = next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("submitted "))
+    deadline = time.monotonic() + 300
+    while "step " not in fitrun(root, "logs", job_id, "--address", dashboard, env=env).stdout:
+        assert time.monotonic() < deadline
+        time.sleep(2)
+    stopped = fitrun(root, "stop", job_id, "--address", dashboard, env=env)
+    assert stopped.returncode == 0 and "STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
+    _, run = the_run(tmp_path)
+    assert run.info.status == "KILLED" and run.info.end_time
+    assert "SIGTERM" in run.data.tags["fitrun.end_reason"]
+
+
+def test_killed_worker_restarts_from_checkpoint(root, tmp_path, cluster):
+    address, _, env = cluster
+    args = tiny(tmp_path, "--set", f"resources.address={address}", "--set", "training.max_steps=16",
+                "--set", "training.save_steps=4", "--set", "training.logging_steps=1", "--set", "training.eval_steps=null")
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "train", *args], cwd=root, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen = wait_for_line(proc, "worker pid")
+    pid = int(seen[-1].split()[2])
+    seen += wait_for_line(proc, "step ", min_step=6)
+    os.kill(pid, signal.SIGKILL)  # a real Ray Train worker process dies mid-run
+    rest, _ = proc.communicate(timeout=600)
+    log = "".join(seen) + rest
+    assert proc.returncode == 0, log[-4000:]
+    assert "resumed from" in log  # Ray Train restarted the worker group from the latest checkpoint
+    client, run = the_run(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert logged_steps(client, run) == list(range(1, 17))  # every step once, none beyond the last
+
+
+def test_killed_driver_then_rerun_resumes_and_refuses_a_changed_spec(root, tmp_path, cluster):
+    address, _, env = cluster
+    args = tiny(tmp_path, "--set", f"resources.address={address}", "--set", "training.max_steps=16",
+                "--set", "training.save_steps=4", "--set", "training.logging_steps=1", "--set", "training.eval_steps=null")
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "train", *args], cwd=root, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_for_line(proc, "step ", min_step=9)
+    proc.kill()  # SIGKILL: no handler runs, the MLflow run stays RUNNING
+    proc.communicate(timeout=60)
+    time.sleep(5)  # let Ray reap the dead driver's workers
+    _, run = the_run(tmp_path)
+    assert run.info.status == "RUNNING"
+
+    changed = fitrun(root, "train", *args, "--set", "training.max_steps=20", env=env)
+    assert changed.returncode == 2 and "training.max_steps: 16 -> 20" in changed.stderr, changed.stderr[-2000:]
+    assert "Traceback" not in changed.stderr
+
+    again = fitrun(root, "train", *args, env=env)
+    log = again.stdout + again.stderr
+    assert again.returncode == 0, log[-4000:]
+    assert "left RUNNING by a driver that died" in log
+    resumed_at = json.loads((tmp_path / "out/job.resolved.json").read_text())["training"]["max_steps"]
+    assert resumed_at == 16
+    client, run = the_run(tmp_path)
+    assert run.info.status == "FINISHED" and "fitrun.recovered" in run.data.tags
+    assert logged_steps(client, run) == list(range(1, 17))

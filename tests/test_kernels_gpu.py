@@ -10,7 +10,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def _run(kernels: str, loss_kind: str, compile: bool = False):
     from runner.kernels import apply_kernels, compile_layers
-    from runner.train import CausalLMLoss
+    from runner.loss import CausalLMLoss
 
     model = tiny_model(dtype=torch.bfloat16, adapter_dtype="mixed").cuda()
     apply_kernels(model, kernels)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_batch, tiny_model
 
-from runner.checkpointing import apply_checkpointing
+from runner.recompute import apply_checkpointing
 from runner.memory import TensorMemory
 
 

@@ -66,3 +66,26 @@ def test_cli_validate_exits_2_without_starting_ray(tmp_path):
     assert "bogus: unknown key" in out.stderr
     assert "model: set model.init: random" in out.stderr or "model.init: random" in out.stderr
     assert "ray" not in out.stdout.lower()
+
+
+def test_validate_space_rejects_what_tune_rejects(root, monkeypatch, tmp_path, capsys):
+    """`fitrun validate --space` runs the same space checks as `fitrun tune`: exit 2, every problem."""
+    from runner.cli import main
+
+    monkeypatch.chdir(root)
+    bad = tmp_path / "space.yaml"
+    bad.write_text("gradient_accumulation_steps: [3]\nactivation_checkpointing: {k: {min: 0, max: 99}}\n"
+                   "lora_alpha_rule: import os\n")
+    assert main(["validate", "jobs/tiny-cpu.yaml", "--space", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "[3] do not divide" in err and "must lie in 0..4" in err and "gpu_memory_gib: set a ceiling" in err
+    assert "lora_alpha_rule" in err
+    assert main(["validate", "jobs/tiny-cpu.yaml", "--space", str(bad), "--gpu-memory-gib", "1"]) == 2
+    assert "gpu_memory_gib" not in capsys.readouterr().err
+    layer_sets = tmp_path / "layer_sets.yaml"
+    layer_sets.write_text("gpu_memory_gib: 1\nactivation_checkpointing: {layer_sets: [[0, 1]]}\n")
+    assert main(["validate", "jobs/tiny-cpu.yaml", "--space", str(layer_sets)]) == 2
+    assert "layer_sets: unknown key" in capsys.readouterr().err
+    for space in sorted((root / "search_spaces").glob("*.yaml")):
+        job = "jobs/tiny-cpu.yaml" if "tiny" in space.name else "jobs/llama3-8b-lora.yaml"
+        assert main(["validate", job, "--set", "model.init=random", "--space", str(space)]) == 0, space

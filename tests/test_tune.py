@@ -12,7 +12,7 @@ from conftest import measure_in_process
 from mlflow.tracking import MlflowClient
 
 from runner.spec import SpecError, load_job, load_search_space
-from runner.tune import Config, FitSearcher, at_k, classify, expand
+from runner.search import Config, FitSearcher, apply_config, at_k, classify, expand
 
 CEILING = 24.0
 
@@ -48,12 +48,12 @@ def drive(searcher: FitSearcher, check_pruning: bool = True) -> list[Config]:
 
 @pytest.mark.parametrize("use_estimate", [True, False])
 def test_fit_searcher_finds_every_columns_smallest_fitting_k(use_estimate):
-    columns = [(r, 16 // a, a, "first", "full", "float32", False) for r in (8, 16, 32, 64) for a in (16, 8, 4, 2)]
+    columns = [Config(r, 16 // a, a, "first", None) for r in (8, 16, 32, 64) for a in (16, 8, 4, 2)]
     ks = list(range(33))
     rng = random.Random(0)
     predicted = {at_k(col, k).key: oracle_gib(at_k(col, k)) * rng.uniform(0.97, 1.03)
                  for col in columns for k in ks} if use_estimate else {}
-    searcher = FitSearcher(columns, ks, CEILING, 0.5, predicted, prune_margin_pct=8, prune_dominated=False)
+    searcher = FitSearcher(columns, ks, CEILING - 0.5, predicted, prune_margin_pct=8, prune_dominated=False)
     launched = drive(searcher)
     truth = brute_force_min_k(columns, ks, CEILING - 0.5)
     found = {res["config"].column: res["config"].k for res in searcher.best_per_column()}
@@ -65,11 +65,11 @@ def test_fit_searcher_finds_every_columns_smallest_fitting_k(use_estimate):
 
 
 def test_dominated_ranks_are_not_probed():
-    columns = [(r, 1, 16, "first", "full", "float32", False) for r in (8, 16, 64)]
-    searcher = FitSearcher(columns, list(range(33)), CEILING, 0.5)
+    columns = [Config(r, 1, 16, "first", None) for r in (8, 16, 64)]
+    searcher = FitSearcher(columns, list(range(33)), CEILING - 0.5)
     launched = drive(searcher)
     assert {c.r for c in launched} == {8}
-    assert set(searcher.dominated) == {(16, 1, 16, "first", "full", "float32", False), (64, 1, 16, "first", "full", "float32", False)}
+    assert set(searcher.dominated) == {Config(16, 1, 16, "first", None), Config(64, 1, 16, "first", None)}
 
 
 def test_space_problems_reported_before_anything_runs(root, monkeypatch, tmp_path):
@@ -79,14 +79,14 @@ def test_space_problems_reported_before_anything_runs(root, monkeypatch, tmp_pat
     bad.write_text("gradient_accumulation_steps: [3, 2]\nactivation_checkpointing: {k: {min: 0, max: 9}}\n"
                    "lora_alpha_rule: import os\n")
     with pytest.raises(SpecError) as e:
-        expand(job, load_search_space(bad), num_layers=4)
+        expand(job, load_search_space(bad), num_layers=4)  # the same check as `fitrun validate --space`
     text = str(e.value)
     assert "[3] do not divide the job's global batch 8" in text
     assert "must lie in 0..4" in text and "gpu_memory_gib: set a ceiling" in text and "lora_alpha_rule" in text
 
 
 def test_lever_dimensions_expand_into_columns_and_trial_jobs(root, monkeypatch, tmp_path):
-    from runner.tune import apply_config, at_k
+    from runner.search import apply_config, at_k
 
     monkeypatch.chdir(root)
     job = load_job("jobs/tiny-cpu.yaml")
@@ -122,7 +122,7 @@ def _tune_cli(tmp_path) -> list[str]:
 
 @pytest.mark.ray
 def test_cpu_search_matches_brute_force(root, tmp_path):
-    from runner.tune import apply_config
+    from runner.search import apply_config
 
     env = {**os.environ, "FITRUN_PROGRESS": "0"}
     args = _tune_cli(tmp_path)
@@ -148,12 +148,12 @@ def test_cpu_search_matches_brute_force(root, tmp_path):
     winner = load_job(tmp_path / "out/winner.yaml")  # a ready job file
     w = Config(winner.lora.r, winner.training.micro_batch_size, winner.training.gradient_accumulation_steps,
                winner.activation_checkpointing.placement, winner.activation_checkpointing.count,
-               winner.activation_checkpointing.policy, winner.lora.adapter_dtype)
+               policy=winner.activation_checkpointing.policy, adapter_dtype=winner.lora.adapter_dtype)
     assert truth[w.column] == w.k, (w, truth)  # the winner is its column's smallest fitting k
     # The brute-force optimum is a column's smallest fitting k at the smallest rank (larger ranks are
     # never faster); when the in-process speeds separate the candidates clearly, it must be the winner.
-    r_min = min(col[0] for col in columns)
-    candidates = {at_k(col, truth[col]) for col in columns if col[0] == r_min and truth[col] is not None}
+    r_min = min(col.r for col in columns)
+    candidates = {at_k(col, truth[col]) for col in columns if col.r == r_min and truth[col] is not None}
     assert w in candidates
     speed = {c.key: c.micro_batch_size / grid[c][1] for c in candidates}
     best = max(speed, key=speed.get)
@@ -184,10 +184,10 @@ def test_cpu_search_matches_brute_force(root, tmp_path):
 
 
 def test_random_searcher_is_a_plain_baseline():
-    from runner.tune import RandomSearcher
+    from runner.search import RandomSearcher
 
-    columns = [(r, 16 // a, a, "first", "full", "float32", False) for r in (8, 16) for a in (16, 8)]
-    searcher = RandomSearcher(columns, list(range(33)), CEILING, 0.5, num_samples=10, seed=1)
+    columns = [Config(r, 16 // a, a, "first", None) for r in (8, 16) for a in (16, 8)]
+    searcher = RandomSearcher(columns, list(range(33)), CEILING - 0.5, num_samples=10, seed=1)
     launched = drive(searcher, check_pruning=False)  # a baseline: it uses no structure
     assert len(launched) == len({c.key for c in launched}) == 10
 
@@ -219,3 +219,30 @@ def test_interrupted_search_resumes_without_duplicates(root, tmp_path):
     assert per_config and max(per_config.values()) == 1  # the interrupted trial's run was reused, not duplicated
     assert sum(r.data.tags.get("fitrun.kind") == "tune" for r in runs) == 1
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_quantization_is_one_more_search_dimension(root, monkeypatch, tmp_path):
+    """A lever dimension is one `lever(...)` field on Config: it expands, keys, and reaches the trial job."""
+    monkeypatch.chdir(root)
+    job = load_job("jobs/llama3-8b-lora.yaml")
+    space = tmp_path / "space.yaml"
+    space.write_text("gpu_memory_gib: 16\nquantizations: [none, nf4]\nactivation_checkpointing: {k: [0, 32]}\n")
+    columns, ks = expand(job, load_search_space(space), num_layers=32)
+    assert len(columns) == 2 and ks == [0, 32]
+    assert {c.at_k(4).key for c in columns} == {"r16-mb1-acc16-first-k4", "r16-mb1-acc16-first-nf4-k4"}
+    nf4 = next(c for c in columns if c.quantization == "nf4")
+    assert apply_config(job, nf4.at_k(4), "2*r").model.quantization == "nf4"
+    cpu_space = tmp_path / "cpu.yaml"
+    cpu_space.write_text("gpu_memory_gib: 1\nquantizations: [nf4]\n")
+    with pytest.raises(SpecError, match="quantizations"):
+        expand(load_job("jobs/tiny-cpu.yaml"), load_search_space(cpu_space), num_layers=4)
+
+
+def test_searcher_state_round_trips_through_json():
+    columns = [Config(r, 1, 16, "first", None, adapter_dtype="mixed") for r in (8, 16)]
+    searcher = FitSearcher(columns, list(range(33)), CEILING - 0.5, {"x": 1.0})
+    drive(searcher)
+    again = FitSearcher(columns, list(range(33)), CEILING - 0.5)
+    again.load_state_dict(json.loads(json.dumps(searcher.state_dict())))
+    assert again.results.keys() == searcher.results.keys() and again.dominated == searcher.dominated
+    assert again.best_per_column() == searcher.best_per_column() and again.next_config() == "done"

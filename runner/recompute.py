@@ -1,4 +1,4 @@
-"""Activation checkpointing placed per decoder layer (never model saving: see train.py for that).
+"""Activation checkpointing (recompute) placed per decoder layer; model saving lives in state.py.
 
 transformers' `GradientCheckpointingLayer` reads two attributes on every forward: a boolean
 `gradient_checkpointing` and the function `_gradient_checkpointing_func`. Setting them per layer
@@ -12,8 +12,18 @@ from functools import partial
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from runner.model import decoder_layers, lora_parameters
 from runner.spec import ActivationCheckpointingSpec
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers, in order: the modules transformers makes checkpointable."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def resolve_layers(spec: ActivationCheckpointingSpec, num_layers: int) -> list[int]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_batch, tiny_model
 
-from runner.checkpointing import apply_checkpointing, check_gradient_flow, resolve_layers
+from runner.recompute import apply_checkpointing, check_gradient_flow, resolve_layers
 from runner.model import decoder_layers
 from runner.spec import ActivationCheckpointingSpec as AC
 

@@ -1,0 +1,248 @@
+"""The driver side of Ray Train: start Ray, resolve paths, build one TorchTrainer, run a job.
+
+`make_trainer` is the only place a `TorchTrainer` is built, for `fitrun train` and for every
+tuner probe alike; results come back through Ray's `Result.metrics` (the worker's final report).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from runner.kernels import check_available
+from runner.spec import PATH_FIELDS, JobSpec, ResourcesSpec, SpecError, dump_yaml, flatten
+from runner.tracking import CREDENTIAL_ENV, RunLogger, redact, start_run, tracking_uri, without_credentials
+from runner.worker import Probe, train_loop_per_worker
+
+SPEC_FILE = "job.resolved.json"  # the spec a run started with: a resume must match it
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")  # read where the trainer is built
+    # Workers inherit the driver's environment, so `python -m runner` works without an install too.
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")])),
+                        "FITRUN_PROGRESS": os.environ.get("FITRUN_PROGRESS", "1"),
+                        # Ray Train 2.60's structured worker logging echoes every printed line twice.
+                        "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
+                        # On a busy 2-core machine a worker group can take over Ray's default 60 s to start.
+                        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"],
+                        # MLflow credentials travel as MLflow's own variables, never inside a URI.
+                        **{k: os.environ[k] for k in CREDENTIAL_ENV if k in os.environ}}}
+    ray.init(address=address, runtime_env=env, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+
+
+def absolute_paths(spec: JobSpec) -> JobSpec:
+    """Local paths become absolute so Ray workers (other cwd) read the same files."""
+    spec = spec.model_copy(deep=True)
+    for section, field in PATH_FIELDS:
+        obj = getattr(spec, section)
+        value = getattr(obj, field)
+        if value and Path(value).exists():
+            setattr(obj, field, str(Path(value).absolute()))
+    spec.output_dir = str(spec.resolved_output_dir().absolute())
+    return spec
+
+
+def scaling_config(res: ResourcesSpec):
+    """Ray Train workers for `resources` (CPU, and a GPU share when use_gpu)."""
+    import ray.train
+
+    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
+    return ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker)
+
+
+def make_trainer(spec: JobSpec, run_name: str, storage_path: str, uri: str | None, run_id: str | None,
+                 probe: Probe | None = None):
+    """The TorchTrainer for `spec`: a job (checkpoints kept, resumable, restarted after a worker
+    dies up to `training.max_failures` times) or a probe (`probe` set: never restarted)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    config = {"spec": spec.to_dict(), "tracking_uri": uri, "run_id": run_id,
+              **({"probe": probe.to_dict()} if probe else {})}
+    max_failures = 0 if probe else spec.resolved_max_failures
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=scaling_config(spec.resources),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage_path,
+            # A worker group that cannot start (resources that never come) fails after 3 tries instead of hanging.
+            failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=3),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT reached the driver (`ray job stop`, `fitrun stop`, Ctrl-C)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def _signals_stop():
+    def handler(signum, _frame):
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def check_cluster_storage(spec: JobSpec, uri: str) -> None:
+    """On a cluster of several hosts, a local MLflow store would split the records across machines:
+    refuse it before anything runs. The output directory must then be storage every host mounts."""
+    import ray
+
+    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    if len(hosts) < 2:
+        return
+    if not uri.startswith(("http://", "https://", "databricks", "postgresql", "mysql")):
+        raise SpecError("job", [f"tracking.tracking_uri: {redact(uri)} is a store on this machine, but the Ray cluster "
+                                f"spans {len(hosts)} hosts and workers log from theirs: run an MLflow server (cluster.yaml "
+                                "starts one on the head) and set tracking.tracking_uri: http://HEAD:5000"])
+    print(f"note: {len(hosts)} hosts; output_dir {spec.output_dir} must be storage every host mounts (NFS, EFS)",
+          flush=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint Ray Train will restore: the latest one its snapshot lists (a worker that outlived
+    its driver may have written a later directory that Ray never registered)."""
+    snapshot = run_dir / CHECKPOINT_SNAPSHOT
+    if not snapshot.exists():
+        return None
+    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+    name = latest.get("checkpoint_dir_name")
+    return run_dir / name if name and (run_dir / name).exists() else None
+
+
+def spec_changes(saved: dict, spec: JobSpec) -> list[str]:
+    """Fields that differ between the spec a run started with and `spec` (where it is tracked and the
+    Ray address may change between attempts)."""
+    old, new = flatten(saved), flatten(spec.to_dict())
+    ignored = ("tracking.", "resources.address")
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if not k.startswith(ignored) and old.get(k) != new.get(k)]
+
+
+def _predicted_peak(spec: JobSpec) -> float | None:
+    """`fitrun estimate` for this job, logged beside the measured peak; never fails the job."""
+    try:
+        from runner.estimate import estimate
+
+        return estimate(spec).peak_gib
+    except Exception as e:  # an architecture the trace cannot handle: train anyway, say so
+        print(f"warning: memory estimate unavailable ({type(e).__name__}: {e})", flush=True)
+        return None
+
+
+def run_train(spec: JobSpec, resume: bool = True, allow_changes: bool = False) -> dict[str, Any]:
+    """Run the job through a Ray Train TorchTrainer; returns the final summary metrics.
+
+    Re-running the same job resumes it from the checkpoint Ray Train registered last, in the same
+    MLflow run; a changed spec is refused (`allow_changes` accepts it and records the changes).
+    SIGTERM/SIGINT mark the run KILLED and raise `Stopped`; any other failure marks it FAILED.
+    """
+    spec = without_credentials(absolute_paths(spec))
+    check_available(spec.training)
+    out = Path(spec.output_dir)
+    run_dir = out / "ray" / spec.name
+    if (out / "DONE").exists() or not resume:  # a finished (or unwanted) run is not resumed: start over
+        shutil.rmtree(out / "ray", ignore_errors=True)
+        (out / "DONE").unlink(missing_ok=True)
+    resume_from = latest_checkpoint(run_dir)
+    changes = spec_changes(json.loads((out / SPEC_FILE).read_text()), spec) \
+        if resume_from and (out / SPEC_FILE).exists() else []
+    if changes and not allow_changes:
+        raise ResumeRefused(changes, resume_from)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=1))
+
+    uri = tracking_uri(spec.tracking)
+    init_ray(spec.resources.address)
+    check_cluster_storage(spec, uri)  # before any MLflow run exists
+    logger = _open_run(spec, out, uri, resume_from, changes)
+    predicted = _predicted_peak(spec)
+    if predicted is not None:
+        logger.metrics({"predicted_peak_gib": predicted})
+    print(f"MLflow run {logger.run_id} ({redact(uri)}); output {out}", flush=True)
+    if resume_from:
+        print(f"resuming from {resume_from}", flush=True)
+
+    try:
+        with _signals_stop():
+            result = make_trainer(spec, spec.name, str(out / "ray"), uri, logger.run_id).fit()
+    except Stopped as e:
+        logger.end(ok=False, status="KILLED", reason=f"stopped by {e}")
+        raise
+    except Exception as e:
+        logger.end(ok=False, reason=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}")
+        raise
+    return _finish(result, out, logger, predicted)
+
+
+class ResumeRefused(Exception):
+    def __init__(self, changes: list[str], checkpoint: Path):
+        self.changes = changes
+        lines = "\n".join(f"  - {c}" for c in changes)
+        super().__init__(f"the spec changed since {checkpoint.name} was saved; resuming would mix two jobs:\n{lines}\n"
+                         "Re-run with --allow-changes to resume anyway (recorded in MLflow), or --no-resume to start over.")
+
+
+def _open_run(spec: JobSpec, out: Path, uri: str, resume_from: Path | None, changes: list[str]) -> RunLogger:
+    """The job's one MLflow run: the existing one when resuming (a run its dead driver left RUNNING is
+    marked as recovered), else a new one; a run with nothing to resume from is closed as KILLED."""
+    run_id_file = out / "mlflow_run_id"
+    old = RunLogger(uri, run_id_file.read_text().strip()) if run_id_file.exists() else None
+    if old is not None and resume_from:
+        if old.status() == "RUNNING":
+            old.tags({"fitrun.recovered": "the previous driver died without closing this run; resumed from "
+                                          f"{resume_from.name}"})
+            print(f"MLflow run {old.run_id} was left RUNNING by a driver that died; resuming it", flush=True)
+        old.client.update_run(old.run_id, status="RUNNING")
+        if changes:
+            old.tags({"fitrun.changes_on_resume": "; ".join(changes)[:5000]})
+        old.text(dump_yaml(spec), f"job-resumed-{resume_from.name}.yaml" if changes else "job.yaml")
+        return old
+    if old is not None and old.status() == "RUNNING":
+        old.end(ok=False, status="KILLED", reason="stopped before its first checkpoint; a new run started over")
+    run_id = start_run(uri, spec.tracking.experiment_name, spec.tracking.run_name or spec.name,
+                       params=spec.to_dict(), tags={"fitrun.kind": "train"})
+    run_id_file.write_text(run_id)
+    logger = RunLogger(uri, run_id)
+    logger.text(dump_yaml(spec), "job.yaml")
+    return logger
+
+
+def _finish(result, out: Path, logger: RunLogger, predicted: float | None) -> dict[str, Any]:
+    summary = dict(result.metrics)  # the worker's final report (it carries the final checkpoint)
+    adapter = out / "adapter"
+    shutil.rmtree(adapter, ignore_errors=True)
+    with result.checkpoint.as_directory() as final:
+        shutil.copytree(Path(final) / "adapter", adapter)
+    logger.artifacts(adapter, "adapter")
+    measured = summary["peak_gib"]  # the worker's: reserved on GPU, tensor bytes on CPU
+    if predicted is not None and measured:
+        # The estimate's error, visible next to the measurement in every run.
+        logger.metrics({"estimate_error_pct": (predicted - measured) / measured * 100})
+    logger.end(ok=True)
+    (out / "DONE").write_text(json.dumps(summary))
+    summary["adapter_dir"] = str(adapter)
+    summary["mlflow_run_id"] = logger.run_id
+    return summary

@@ -1,0 +1,241 @@
+"""Preflight: everything about a job that can be checked on the driver before Ray starts or any GPU
+time is spent: the data file (exists, type, parses, columns, enough rows), the tokenizer and model
+(local paths exist, hub ids reachable or cached), LoRA targets and checkpointed layers against the
+real architecture, the Ray address, and the output root. Every problem at once, one line each,
+naming the field and the fix (`SpecError`, exit 2 in the CLI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+from runner.spec import JobSpec, SpecError
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+FORMAT_COLUMNS = {"alpaca": {"instruction", "output"}, "messages": {"messages"}, "text": {"text"}}
+
+
+def preflight(spec: JobSpec, source: str = "job") -> None:
+    problems = check_data(spec) + check_model(spec) + check_resources(spec) + check_output(spec)
+    if problems:
+        raise SpecError(source, problems)
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """`org/name`: one slash, no file suffix, not an existing path, no leading ./ or /."""
+    return value.count("/") == 1 and not value.startswith((".", "/", "~")) and not Path(value).suffix \
+        and not Path(value).exists()
+
+
+def check_data(spec: JobSpec) -> list[str]:
+    d = spec.data
+    path = Path(d.path).expanduser()
+    if not path.exists():
+        if looks_like_hub_id(d.path):
+            return [] if _hub_ok() else [f"data.path: {d.path!r} is not a local path, and the Hugging Face hub is "
+                                         "unreachable (HF_HUB_OFFLINE or no network): use a local file"]
+        return [f"data.path: {d.path!r} does not exist (relative paths are read from {Path.cwd()})"]
+    files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES) if path.is_dir() else [path]
+    if path.is_dir() and not files:
+        return [f"data.path: directory {d.path!r} holds no {'/'.join(DATA_SUFFIXES)} files"]
+    rows, problems = 0, []
+    for f in files:
+        if f.suffix not in DATA_SUFFIXES:
+            return [f"data.path: unsupported file type {f.suffix or '(none)'!r} for {f.name}; use .jsonl, .json or .parquet"]
+        n, problem = _count_rows(f, FORMAT_COLUMNS[d.format], d.format)
+        if problem:
+            problems.append(f"data.path: {problem}")
+        rows += n
+    if problems:
+        return problems
+    if d.max_rows is not None:
+        rows = min(rows, d.max_rows)
+    train_rows = rows - int(round(rows * d.val_fraction))
+    need = spec.training.micro_batch_size * spec.resources.num_workers
+    if not d.packing and train_rows < need:
+        problems.append(f"data.path: {train_rows} training rows in {d.path!r} (after val_fraction {d.val_fraction}), "
+                        f"fewer than one micro-batch per worker ({spec.training.micro_batch_size} x "
+                        f"{spec.resources.num_workers} workers): add rows or lower training.micro_batch_size")
+    elif train_rows < 1:
+        problems.append(f"data.path: no training rows in {d.path!r} (after val_fraction {d.val_fraction})")
+    return problems
+
+
+def _count_rows(f: Path, columns: set[str], fmt: str) -> tuple[int, str | None]:
+    """(rows, first problem) of one data file, read the way `datasets` will read it."""
+    if not os.access(f, os.R_OK):
+        return 0, f"{f} is not readable"
+    if f.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            meta = pq.read_schema(f), pq.ParquetFile(f).metadata.num_rows
+        except Exception as e:
+            return 0, f"{f}: not a readable parquet file ({type(e).__name__}: {str(e)[:120]})"
+        missing = columns - set(meta[0].names)
+        return meta[1], (f"{f}: data.format {fmt!r} needs columns {sorted(columns)}, missing {sorted(missing)}"
+                         if missing else None)
+    try:
+        text = f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = f.read_bytes()[:e.start].count(b"\n") + 1
+        return 0, f"{f}, line {line}: not UTF-8 text (byte {e.start}); re-encode the file as UTF-8"
+    if not text.strip():
+        return 0, f"{f} is empty: it needs at least one row"
+    if f.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            return 0, f"{f}, line {e.lineno} column {e.colno}: not valid JSON ({e.msg})"
+        if isinstance(rows, dict) and len(rows) == 1 and isinstance(next(iter(rows.values())), list):
+            rows = next(iter(rows.values()))  # {"data": [...]}, as `datasets` reads it
+        if not isinstance(rows, list):
+            return 0, f"{f}: a .json data file holds a list of rows (objects); got {type(rows).__name__}"
+        return len(rows), _check_rows(f, rows, columns, fmt, lambda i: f"row {i}")
+    rows, lines = [], []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+            lines.append(i)
+        except json.JSONDecodeError as e:
+            return 0, f"{f}, line {i}: not valid JSON ({e.msg} at column {e.colno})"
+    return len(rows), _check_rows(f, rows, columns, fmt, lambda i: f"line {lines[i - 1]}")
+
+
+def _check_rows(f: Path, rows: list, columns: set[str], fmt: str, where) -> str | None:
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            return f"{f}, {where(i)}: a row is a JSON object, got {type(row).__name__}"
+        missing = columns - set(row)
+        if missing:
+            return (f"{f}, {where(i)}: data.format {fmt!r} needs keys {sorted(columns)}, missing {sorted(missing)} "
+                    "(set data.format to match the file)")
+        if fmt == "messages" and not (isinstance(row["messages"], list) and all(
+                isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in row["messages"])):
+            return f"{f}, {where(i)}: messages must be a list of {{role, content}} objects with text content"
+    return None
+
+
+# -- model and tokenizer -----------------------------------------------------------------------
+
+
+def _hub_ok() -> bool:
+    from runner.model import hub_reachable
+
+    return hub_reachable()
+
+
+def _cached(repo_id: str, filename: str = "config.json") -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except Exception:
+        return False
+
+
+def check_model(spec: JobSpec) -> list[str]:
+    from runner.model import KNOWN_ARCHITECTURES, SHIPPED_TOKENIZER
+
+    m, problems = spec.model, []
+    builtin = m.init == "random" and m.name_or_path in KNOWN_ARCHITECTURES
+    if m.name_or_path:
+        problems += _check_source("model.name_or_path", m.name_or_path, "config.json", builtin,
+                                  weights=m.init == "pretrained")
+    tok = spec.tokenizer.name_or_path or m.name_or_path
+    if tok is None:
+        problems.append("tokenizer.name_or_path: a model.preset has no tokenizer; set tokenizer.name_or_path")
+    elif tok:
+        fallback = spec.tokenizer.name_or_path is None and m.init == "random" and SHIPPED_TOKENIZER.is_dir()
+        field = "tokenizer.name_or_path" if spec.tokenizer.name_or_path else "model.name_or_path (its tokenizer)"
+        problems += _check_source(field, tok, "tokenizer_config.json", fallback, weights=False)
+    if problems:
+        return problems
+    return _check_architecture(spec)
+
+
+def _check_source(field: str, value: str, marker: str, has_fallback: bool, weights: bool) -> list[str]:
+    path = Path(value).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / marker).exists():
+            return [f"{field}: {value!r} is not a Hugging Face model directory (no {marker})"]
+        if weights and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            return [f"{field}: {value!r} has no weights (*.safetensors); for a dry run set model.init: random"]
+        return []
+    if not looks_like_hub_id(value):
+        return [f"{field}: local path {value!r} does not exist"]
+    if has_fallback or _cached(value, marker) or _hub_ok():
+        return []
+    return [f"{field}: {value!r} is not in the local Hugging Face cache and the hub is unreachable "
+            "(HF_HUB_OFFLINE or no network): download it first or use a local directory"]
+
+
+def _check_architecture(spec: JobSpec) -> list[str]:
+    """LoRA targets and checkpointed layers against the real architecture (built on the meta device)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from runner.model import model_config
+
+    try:
+        config = model_config(spec.model, allow_builtin=True)
+    except Exception as e:
+        return [f"model.name_or_path: cannot read the model's config ({type(e).__name__}: {str(e)[:160]})"]
+    problems = []
+    n = config.num_hidden_layers
+    ac = spec.activation_checkpointing
+    if isinstance(ac.layers, list) and ac.layers and max(ac.layers) >= n:
+        problems.append(f"activation_checkpointing.layers: the model has {n} layers (0..{n - 1}), got {max(ac.layers)}")
+    if ac.count is not None and ac.count > n:
+        problems.append(f"activation_checkpointing.count: the model has {n} layers, got {ac.count}")
+    targets = spec.lora.target_modules
+    if targets != "all-linear":
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+        unknown = [t for t in targets if t not in names]
+        if unknown:
+            problems.append(f"lora.target_modules: {unknown} match no linear layer of this model; "
+                            f"choose from {sorted(names)} or all-linear")
+    return problems
+
+
+# -- resources and outputs -------------------------------------------------------------------
+
+
+def check_resources(spec: JobSpec) -> list[str]:
+    address = spec.resources.address
+    if not address or address == "auto":
+        return []
+    parsed = urlparse(address if "://" in address else f"gcs://{address}")
+    if parsed.scheme in ("http", "https"):
+        return [f"resources.address: {address!r} is a dashboard (Ray Jobs) address; `fitrun train` connects to the "
+                f"cluster's GCS (HOST:6379, or ray://HOST:10001). To submit through Ray Jobs use "
+                f"`fitrun submit JOB --address {address}`"]
+    if not parsed.hostname or not parsed.port:
+        return [f"resources.address: expected HOST:PORT, ray://HOST:PORT or auto, got {address!r}"]
+    try:
+        socket.create_connection((parsed.hostname, parsed.port), timeout=3).close()
+    except OSError as e:
+        return [f"resources.address: nothing answers at {parsed.hostname}:{parsed.port} ({e.strerror or e}); "
+                "is the Ray head running (`ray start --head`)?"]
+    return []
+
+
+def check_output(spec: JobSpec) -> list[str]:
+    out = spec.resolved_output_dir().expanduser()
+    if "://" in spec.output_dir:
+        return [f"output_dir: {spec.output_dir!r}: object-store URIs are not supported yet; use a directory on "
+                "storage every node mounts (NFS, EFS) or, on one machine, a local directory"]
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        return [f"output_dir: {str(out)!r} cannot be written ({existing} is not a writable directory)"]
+    return []

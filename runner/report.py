@@ -1,0 +1,122 @@
+"""What a search reports: the trial table, the frontier (table and plot), the winner's job YAML and
+its cost; printed, and logged to the search's parent MLflow run."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from runner.search import apply_config, pareto
+from runner.spec import dump_yaml, job_from_dict
+from runner.tracking import RunLogger
+
+
+def summarise(job, space, inner, winner, speed, speed_source, grid_size, started, exclusive, price, parent,
+               winner_path, out) -> dict[str, Any]:
+    """Print and log the search's outcome; write the winner's job YAML. Returns the summary dict."""
+    wall_s = (datetime.datetime.now() - started).total_seconds()
+    results = list(inner.results.values())
+    counts = {"trials_run": len(results), "grid_size": grid_size, "pruned": len(inner.pruned),
+              "dominated_columns": len(inner.dominated),
+              "infeasible": sum(r["status"] == "infeasible" for r in results),
+              "errors": sum(r["status"] == "error" for r in results), "exclusive_runs": len(exclusive)}
+    front = pareto([r for r in results if r["feasible"]])
+    table = trial_table(inner, exclusive)
+    front_lines = ["| config | peak GiB | tokens/s |", "| --- | --- | --- |"] + \
+        [f"| {p['config'].key} | {p['peak_gib']:.3f} | {p['tokens_per_s']:,.0f} |" for p in front]
+    print("\n" + table, flush=True)
+    print("\nfrontier (memory vs packed speed):\n" + "\n".join(front_lines))
+    print(f"\n{json.dumps(counts)}; tune_wall_s: {wall_s:.0f}")
+    summary: dict[str, Any] = {**counts, "tune_wall_s": wall_s, "frontier": [p["config"].key for p in front],
+                               "speed_source": speed_source, "table": table}
+    parent.metrics({k: float(v) for k, v in counts.items()} | {"tune_wall_s": wall_s})
+    parent.text(table, "trials.md")
+    parent.text("\n".join(front_lines), "frontier.md")
+    _plot(results, front, parent, out)
+    if winner is None:
+        print("no configuration fits the ceiling: raise gpu_memory_gib, allow more checkpointed layers, "
+              "or smaller micro-batches (larger accumulation)")
+        parent.tags({"winner": "none"})
+        return summary
+    c, tokens_per_s = winner["config"], speed(winner)
+    header = f"# fitrun tune winner: {c.key}, {tokens_per_s:,.0f} tokens/s ({speed_source}), " \
+             f"peak {winner['peak_gib']:.2f} GiB under {space.gpu_memory_gib} GiB\n"
+    path = Path(winner_path) if winner_path else out / "winner.yaml"
+    write_winner(job, c, space.lora_alpha_rule, header, path, parent)
+    parent.tags({"winner": c.key})
+    parent.metrics({"winner_tokens_per_s": tokens_per_s, "winner_peak_gib": winner["peak_gib"]})
+    print(f"\nwinner: {c.key}  {tokens_per_s:,.0f} tokens/s ({speed_source}), peak {winner['peak_gib']:.3f} GiB; "
+          f"job written to {path}  (fitrun train {path})")
+    if price:
+        summary.update(cost(job, tokens_per_s, price))
+    summary.update(winner=c.key, winner_config=asdict(c), winner_tokens_per_s=tokens_per_s,
+                   winner_peak_gib=winner["peak_gib"], winner_path=str(path), exclusive=dict(exclusive))
+    return summary
+
+
+def trial_table(inner, exclusive: dict[str, dict]) -> str:
+    """Every config the search decided on, measured or pruned, as a markdown table."""
+    lines = ["| config | status | peak GiB | tokens/s (packed) | tokens/s (exclusive) | loss |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(inner.results.values(), key=lambda r: r["config"]):
+        ex = exclusive.get(r["config"].key)
+        peak = f"{r['peak_gib']:.3f}" if r.get("peak_gib") is not None else "-"
+        exclusive_speed = f"{ex['tokens_per_s']:,.0f}" if ex else "-"
+        loss = f"{r['loss']:.4f}" if r.get("loss") is not None else "-"
+        lines.append(f"| {r['config'].key} | {r['status']} | {peak} | {r.get('measured_tokens_per_s', 0):,.0f} | "
+                     f"{exclusive_speed} | {loss} |")
+    for key, gib in sorted(inner.pruned.items()):
+        lines.append(f"| {key} | pruned (predicted {gib:.3f} GiB) | - | - | - | - |")
+    for column in inner.dominated:
+        lines.append(f"| {column.key}-* | pruned (dominated by a smaller rank) | - | - | - | - |")
+    return "\n".join(lines)
+
+
+def write_winner(job, c, alpha_rule: str, header: str, path: Path, parent: RunLogger) -> None:
+    """The winner as a ready job file (and an artifact of the search's run)."""
+    raw = apply_config(job, c, alpha_rule).to_dict()
+    raw["name"] = f"{job.name}-tuned"
+    if job.resources.use_gpu:
+        raw["resources"].update(gpus_per_worker=1.0)
+    text = header + dump_yaml(job_from_dict(raw))
+    path.write_text(text)
+    parent.text(text, "winner.yaml")
+
+
+def cost(job, tokens_per_s: float, price: float) -> dict[str, float]:
+    """$ per 1M tokens and per epoch at `price` $/GPU-hour."""
+    from runner.data import tokenize
+    from runner.model import build_tokenizer
+
+    per_m = price / 3600 / tokens_per_s * 1e6
+    tokens_per_epoch = tokenize(job.data, build_tokenizer(job.tokenizer, job.model)).num_train_tokens
+    gpus = job.resources.num_workers if job.resources.use_gpu else 1
+    per_epoch = price * gpus / 3600 * tokens_per_epoch / tokens_per_s
+    print(f"cost: ${per_m:.4f} per 1M tokens, ${per_epoch:.4f} per epoch ({tokens_per_epoch:,} tokens) "
+          f"at ${price}/GPU-hour")
+    return {"usd_per_million_tokens": per_m, "usd_per_epoch": per_epoch}
+
+
+def _plot(results, front, parent: RunLogger, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for status, colour in (("ok", "tab:blue"), ("infeasible", "tab:red")):
+        pts = [r for r in results if r["status"] == status and r.get("peak_gib") is not None]
+        ax.scatter([r["peak_gib"] for r in pts], [r.get("measured_tokens_per_s", 0) for r in pts], c=colour,
+                   label=status, s=18)
+    ax.plot([p["peak_gib"] for p in front], [p["tokens_per_s"] for p in front], "k--", lw=1, label="frontier")
+    ax.set_xlabel("peak memory (GiB)")
+    ax.set_ylabel("tokens/s")
+    ax.legend()
+    ax.set_title("fitrun tune: memory vs speed")
+    path = out / "frontier.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    parent.artifact(path)

@@ -1,0 +1,110 @@
+"""Ray Jobs: submit a job (or a search) to a running Ray cluster, then status, logs and stop.
+
+The working directory is uploaded without outputs, virtualenvs, caches or MLflow stores; relative
+output and tracking paths are made absolute (the job's driver runs in a temporary copy of the
+working directory, so a relative path would vanish with it). Token auth: the token comes from
+RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (Ray's own order) and is sent as a header,
+never printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from runner.spec import JobSpec
+from runner.tracking import CREDENTIAL_ENV, redact, tracking_uri, without_credentials
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# gitignore syntax, relative to the working directory (Ray's runtime_env `excludes`).
+UPLOAD_EXCLUDES = ["/outputs/", ".venv/", "venv/", "mlruns/", "mlartifacts/", "mlflow.db", "*.db", "__pycache__/",
+                   ".git/", "*.egg-info/", ".pytest_cache/", ".device/", ".whl/"]
+# Ray's job supervisor waits this long after SIGTERM before SIGKILL: time for the driver to mark its
+# MLflow run KILLED and for Ray Train to shut its workers down (Ray's default is 3 s).
+STOP_WAIT_S = "60"
+PASSED_ENV = ("HF_HUB_OFFLINE", "HF_ENDPOINT", "MLFLOW_TRACKING_TOKEN", *CREDENTIAL_ENV)
+
+
+def auth_token() -> str | None:
+    """Ray's lookup order: RAY_AUTH_TOKEN, then the file RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    return path.read_text().strip() or None if path.is_file() else None
+
+
+def client(address: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    token = auth_token() if os.environ.get("RAY_AUTH_MODE", "token") != "disabled" else None
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    return JobSubmissionClient(address, headers=headers)
+
+
+def durable_overrides(job: JobSpec) -> list[str]:
+    """`--set` overrides that pin where a submitted job writes: absolute paths, as this machine sees them
+    (a relative path would land in the job's temporary copy of the working directory)."""
+    return ["--set", f"output_dir={job.resolved_output_dir().absolute()}",
+            "--set", f"tracking.tracking_uri={tracking_uri(job.tracking)}"]
+
+
+def submit(job_path: str, job: JobSpec, overrides: list[str], address: str | None, space: str | None = None,
+           extra: list[str] = ()) -> str:
+    """Submit `fitrun train` (or `fitrun tune` with `space`) as a Ray job; returns its submission id."""
+    job = without_credentials(job)  # a URI's user:password travel as MLflow's variables, not on the command line
+    command = ["python", "-m", "runner", "tune" if space else "train", job_path, *([space] if space else [])]
+    for item in overrides:  # where outputs and tracking go is pinned below (and may hold credentials)
+        if not item.startswith(("output_dir=", "tracking.tracking_uri=")):
+            command += ["--set", item]
+    command += durable_overrides(job) + list(extra)
+    submission_id = f"fitrun-{job.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    env = {"RAY_JOB_STOP_WAIT_TIME_S": STOP_WAIT_S, "FITRUN_PROGRESS": "0",
+           **{k: os.environ[k] for k in PASSED_ENV if k in os.environ}}
+    c = client(address)
+    c.submit_job(entrypoint=shlex.join(command), submission_id=submission_id,
+                 runtime_env={"working_dir": ".", "excludes": UPLOAD_EXCLUDES, "env_vars": env},
+                 metadata={"fitrun_job": job.name})
+    out = job.resolved_output_dir().absolute()
+    print(f"submitted {submission_id}\n"
+          f"  entrypoint: {redact(shlex.join(command))}\n"
+          f"  outputs (adapter, checkpoints): {out}  (on the cluster's nodes: shared storage on a multi-node cluster)\n"
+          f"  follow: fitrun logs {submission_id} --follow; stop: fitrun stop {submission_id}", flush=True)
+    return submission_id
+
+
+def status(submission_id: str, address: str | None) -> str:
+    info = client(address).get_job_info(submission_id)
+    return str(info.status.value if hasattr(info.status, "value") else info.status)
+
+
+def logs(submission_id: str, address: str | None, follow: bool) -> None:
+    c = client(address)
+    if not follow:
+        sys.stdout.write(c.get_job_logs(submission_id))
+        return
+
+    async def tail():
+        async for chunk in c.tail_job_logs(submission_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    asyncio.run(tail())
+
+
+def stop(submission_id: str, address: str | None, timeout_s: float = 180) -> str:
+    """Ask Ray to stop the job (SIGTERM to its driver), then wait until Ray reports it ended."""
+    c = client(address)
+    c.stop_job(submission_id)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = status(submission_id, address)
+        if state in ("STOPPED", "SUCCEEDED", "FAILED"):
+            return state
+        time.sleep(1)
+    return status(submission_id, address)

@@ -1,0 +1,301 @@
+"""The Ray Train worker: setup → loop → summary. One function per phase, read top to bottom in
+`train_loop_per_worker`; the training math of one optimizer step is `train_step`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from runner.console import Console, format_step
+from runner.data import IGNORE, MicroBatches, TokenizedData, collate, tokenize
+from runner.memory import PeakMemory, cap_gpu_memory
+from runner.model import Trainable, build_tokenizer, build_trainable
+from runner.spec import JobSpec, job_from_dict
+from runner.state import load_state, numeric, report
+from runner.tracking import RunLogger
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A tuner trial: a few steps under the memory ceiling, measured, no checkpoints."""
+
+    warmup_steps: int
+    steps: int
+    ceiling_gib: float          # the one route of the ceiling: CUDA cap, or the CPU tensor-byte limit
+    true_accum: int             # the job's accumulation (the probe runs at most 2 micro-batches a step)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Run:
+    """What setup builds and the loop uses."""
+
+    spec: JobSpec
+    probe: Probe | None
+    device: torch.device
+    rank: int
+    world_size: int
+    data: TokenizedData
+    batches: MicroBatches
+    pad_id: int
+    trainable: Trainable
+    net: torch.nn.Module       # trainable.net, DDP-wrapped with several workers
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    max_steps: int
+    step: int = 0
+    console: Console = field(default_factory=lambda: Console(0))
+    logger: RunLogger | None = None
+    logged_through: int = 0    # steps already in the MLflow run (a restarted attempt logs after them)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: the whole job. `config` is plain data (it crosses Ray)."""
+    spec = job_from_dict(config["spec"])
+    probe = Probe(**config["probe"]) if config.get("probe") else None
+    run = setup(spec, probe, config.get("tracking_uri"), config.get("run_id"))
+    totals, last, oom = loop(run)
+    summary = summarise(run, totals, last, oom)
+    if run.logger:
+        run.logger.metrics(numeric({f"final_{k}": v for k, v in summary.items()}), step=run.step)
+    state = None if probe else {"model": run.trainable.model, "optimizer": run.optimizer,
+                                "scheduler": run.scheduler, "data_position": run.batches.position}
+    report(summary, run.rank, run.step, final=True, state=state)
+    run.console.say(f"done: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})}")
+
+
+def setup(spec: JobSpec, probe: Probe | None, tracking_uri: str | None, run_id: str | None) -> Run:
+    """Device and ceiling, data, model with its levers, optimizer and schedule, resume."""
+    import ray.train
+    import ray.train.torch
+    from transformers import get_scheduler
+
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = _device(spec, probe)
+    console = Console(rank)
+    t = spec.training
+
+    tok = build_tokenizer(spec.tokenizer, spec.model)
+    data = tokenize(spec.data, tok, seed=t.seed)
+    pad_to = spec.data.sequence_len if spec.data.pad_to_sequence_len else None
+    batches = MicroBatches(data.train, t.micro_batch_size, tok.pad_token_id, t.seed, rank, world_size, pad_to)
+    steps_per_epoch = max(1, batches.per_epoch // t.gradient_accumulation_steps)
+    max_steps = probe.warmup_steps + probe.steps if probe else (t.max_steps or math.ceil(t.num_epochs * steps_per_epoch))
+    console.say(f"data: {data.num_rows} rows, {data.num_truncated} truncated to {spec.data.sequence_len} tokens, "
+                f"{len(data.train)} train / {len(data.eval)} eval sequences")
+    console.say(f"batch: micro {t.micro_batch_size} x accum {t.gradient_accumulation_steps} x workers {world_size} "
+                f"= global {t.micro_batch_size * t.gradient_accumulation_steps * world_size}; {max_steps} steps")
+
+    first = {k: v.to(device) for k, v in collate([batches.rows[0]], batches.pad_id).items()}
+    trainable = build_trainable(spec, device, vocab_size=len(tok), check_batch=first)
+    console.say(f"activation checkpointing: {len(trainable.layers)}/{trainable.num_layers} layers {trainable.layers}")
+    net = trainable.net
+    if world_size > 1:
+        net = ray.train.torch.prepare_model(net, move_to_device=False)
+
+    params = [p for p in trainable.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=device.type == "cuda")
+    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=max_steps)
+    logger = RunLogger(tracking_uri, run_id) if rank == 0 and run_id else None
+    run = Run(spec, probe, device, rank, world_size, data, batches, tok.pad_token_id, trainable, net, optimizer,
+              scheduler, max_steps, console=console, logger=logger)
+
+    resume = ray.train.get_checkpoint()  # Ray restores the run's latest checkpoint (same name + storage)
+    if resume is not None and probe is None:
+        with resume.as_directory() as resume_dir:
+            state = load_state(resume_dir, trainable.model, optimizer, scheduler, device)
+        run.step, batches.position = state["step"], state["data_position"]
+        console.say(f"resumed from {resume.path} at step {run.step}")
+    if logger:
+        run.logged_through = logger.last_step("loss")
+    console.say(f"worker pid {os.getpid()} (rank {rank}, {device})")
+    return run
+
+
+def _device(spec: JobSpec, probe: Probe | None) -> torch.device:
+    """This worker's device, capped at the memory ceiling on CUDA (the CPU limit is set in the loop)."""
+    import ray.train.torch
+
+    if not spec.resources.use_gpu:
+        return torch.device("cpu")
+    device = ray.train.torch.get_device()
+    if device.type != "cuda":
+        raise RuntimeError("resources.use_gpu is true but this worker has no CUDA device")
+    torch.cuda.set_device(device)
+    ceiling = probe.ceiling_gib if probe else spec.resources.gpu_memory_gib
+    if ceiling:
+        cap_gpu_memory(device, ceiling)
+    return device
+
+
+def loop(run: Run) -> tuple[dict[str, float], dict[str, float], str | None]:
+    """Train to max_steps: step, measure, evaluate, log, checkpoint. Returns (totals over the measured
+    steps, the last step's metrics, a probe's OOM message or None)."""
+    spec, probe, t = run.spec, run.probe, run.spec.training
+    cpu_limit = probe.ceiling_gib if probe and run.device.type != "cuda" else None
+    memory = PeakMemory(run.device, baseline=list(run.trainable.model.parameters()), limit_gib=cpu_limit)
+    measure_from = probe.warmup_steps if probe else min(t.measure_warmup_steps, max(0, run.max_steps - 1))
+    totals = {"tokens": 0, "time_s": 0.0, "peak_allocated_gib": 0.0, "peak_reserved_gib": 0.0,
+              "micro_batch_time_s": 0.0, "optimizer_time_s": 0.0, "measured_steps": 0}
+    metrics: dict[str, float] = {}
+    run.console.start_progress(run.step, run.max_steps)
+    try:
+        with memory:
+            while run.step < run.max_steps:
+                memory.reset()
+                metrics = train_step(run.net, run.trainable.model, run.batches, run.optimizer, run.scheduler, t,
+                                     run.device, run.world_size)
+                run.step += 1
+                metrics.update(memory.peaks_gib(), step=run.step, epoch=run.batches.epoch)
+                _accumulate(totals, metrics, measured=run.step > measure_from)
+                if t.eval_steps and run.data.eval and run.step % t.eval_steps == 0:
+                    metrics["eval_loss"] = evaluate(run.net, run.data.eval, run.pad_id, t.micro_batch_size, run.device)
+                if run.step % t.logging_steps == 0 or run.step == run.max_steps:
+                    run.console.progress(run.step)
+                    run.console.say(format_step(metrics, run.max_steps))
+                    _log(run, metrics)
+                if not probe and t.save_steps and run.step % t.save_steps == 0 and run.step < run.max_steps:
+                    _check_run_open(run)
+                    report(metrics, run.rank, run.step, state={
+                        "model": run.trainable.model, "optimizer": run.optimizer, "scheduler": run.scheduler,
+                        "data_position": run.batches.position})
+                _fault_injection(run.step)
+    except torch.OutOfMemoryError as e:
+        if not probe:
+            raise
+        return totals, metrics | memory.peaks_gib(), str(e).splitlines()[0][:300]
+    finally:
+        run.console.close()
+    return totals, metrics | memory.peaks_gib(), None
+
+
+def _log(run: Run, metrics: dict[str, float]) -> None:
+    """Rank 0 logs each step once: a restarted attempt skips the steps its predecessor logged."""
+    if run.logger is None or run.step <= run.logged_through:
+        return
+    _check_run_open(run)
+    run.logger.metrics(numeric(metrics), step=run.step)
+    run.logged_through = run.step
+
+
+def _check_run_open(run: Run) -> None:
+    """A worker that outlives its driver (stopped, killed) must neither log nor checkpoint: once the
+    MLflow run is closed, stop."""
+    if run.logger is not None and not run.probe and run.logger.status() != "RUNNING":
+        raise RuntimeError(f"MLflow run {run.logger.run_id} is {run.logger.status()}: its driver is gone; "
+                           "this worker stops")
+
+
+def _accumulate(totals: dict[str, float], metrics: dict[str, float], measured: bool) -> None:
+    tokens = metrics.pop("_tokens")
+    if measured:
+        totals["tokens"] += tokens
+        totals["time_s"] += metrics["step_time_s"]
+        totals["micro_batch_time_s"] += metrics["micro_batch_time_s"]
+        totals["optimizer_time_s"] += metrics["optimizer_time_s"]
+        totals["measured_steps"] += 1
+    for k in ("peak_allocated_gib", "peak_reserved_gib"):
+        totals[k] = max(totals[k], metrics[k])
+
+
+def _fault_injection(step: int) -> None:
+    """FITRUN_CRASH_AFTER_STEP=N raises after step N: the resume tests' simulated crash."""
+    if os.environ.get("FITRUN_CRASH_AFTER_STEP") == str(step):
+        raise RuntimeError(f"FITRUN_CRASH_AFTER_STEP={step}: simulated crash")
+
+
+def summarise(run: Run, totals: dict[str, float], last: dict[str, float], oom: str | None) -> dict[str, Any]:
+    """The run's summary: steady-state tokens/s, peaks, and (for a job) the final eval loss."""
+    spec, probe = run.spec, run.probe
+    summary: dict[str, Any] = {
+        "step": run.step,
+        "loss": last.get("loss", float("nan")),
+        "tokens_per_s": totals["tokens"] / totals["time_s"] if totals["time_s"] else 0.0,
+        "peak_allocated_gib": max(totals["peak_allocated_gib"], last.get("peak_allocated_gib", 0.0)),
+        "peak_reserved_gib": max(totals["peak_reserved_gib"], last.get("peak_reserved_gib", 0.0)),
+        "num_checkpointed_layers": len(run.trainable.layers),
+        "num_layers": run.trainable.num_layers,
+        "num_truncated": run.data.num_truncated,
+        "oom": 1.0 if oom else 0.0,
+    }
+    if probe and totals["measured_steps"]:
+        # A probe runs few micro-batches per step; the job's real accumulation amortises the
+        # optimizer step over more of them: tokens/s at the true accumulation, from the parts.
+        n = totals["measured_steps"]
+        micro_s, opt_s = totals["micro_batch_time_s"] / n, totals["optimizer_time_s"] / n
+        tokens_per_micro = spec.training.micro_batch_size * spec.data.sequence_len * run.world_size
+        summary["tokens_per_s"] = tokens_per_micro / (micro_s + opt_s / probe.true_accum)
+        summary.update(micro_batch_time_s=micro_s, optimizer_time_s=opt_s)
+    # The number a ceiling is compared with: reserved on GPU, tensor bytes on CPU.
+    summary["peak_gib"] = summary["peak_reserved_gib"] if run.device.type == "cuda" else summary["peak_allocated_gib"]
+    summary["score"] = 0.0 if oom else summary["tokens_per_s"]
+    if oom:
+        summary["oom_message"] = oom
+    if not probe and run.data.eval and not oom:
+        summary["eval_loss"] = evaluate(run.net, run.data.eval, run.pad_id, spec.training.micro_batch_size, run.device)
+    return summary
+
+
+def train_step(net, model, batches, optimizer, scheduler, t, device, world_size) -> dict[str, float]:
+    """One optimizer step: accumulate micro-batches, normalise by the step's label tokens, clip, step."""
+    micro = [batches.next() for _ in range(t.gradient_accumulation_steps)]
+    num_label_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+    if world_size > 1:  # normalise by the global count so DDP's mean equals the full-batch loss
+        counts = torch.tensor([num_label_tokens], device=device, dtype=torch.float64)
+        torch.distributed.all_reduce(counts)
+        denom = max(1.0, counts.item() / world_size)
+    else:
+        denom = max(1, num_label_tokens)
+    _sync(device)
+    start = time.perf_counter()
+    loss_sum = 0.0
+    for i, batch in enumerate(micro):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        last = i == len(micro) - 1
+        no_sync = net.no_sync() if world_size > 1 and not last else nullcontext()
+        with no_sync:
+            loss = net(**batch) / denom
+            loss.backward()
+        loss_sum += loss.detach()
+    _sync(device)
+    backward_done = time.perf_counter()
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        [p for p in model.parameters() if p.requires_grad], t.max_grad_norm or float("inf"))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    end = time.perf_counter()
+    step_time = end - start
+    tokens = sum(b["input_ids"].numel() for b in micro) * world_size
+    return {"loss": float(loss_sum), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+            "step_time_s": step_time, "tokens_per_s": tokens / step_time, "_tokens": tokens,
+            "micro_batch_time_s": (backward_done - start) / len(micro), "optimizer_time_s": end - backward_done}
+
+
+@torch.no_grad()
+def evaluate(net, rows, pad_id, micro_batch_size, device) -> float:
+    was_training = net.training
+    net.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(rows), micro_batch_size):
+        batch = collate(rows[i:i + micro_batch_size], pad_id)
+        count += int((batch["labels"][:, 1:] != IGNORE).sum())
+        total += float(net(**{k: v.to(device) for k, v in batch.items()}))
+    net.train(was_training)
+    return total / max(1, count)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
