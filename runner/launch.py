@@ -23,23 +23,34 @@ SPEC_FILE = "job.resolved.json"  # the spec a run started with: a resume must ma
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
 
 
+def worker_env() -> dict[str, str]:
+    """Environment every Ray worker needs: set by `init_ray`, or by `fitrun submit` for a Ray job."""
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")  # read where the trainer is built
+    return {"FITRUN_PROGRESS": os.environ.get("FITRUN_PROGRESS", "1"),
+            # Ray Train 2.60's structured worker logging echoes every printed line twice.
+            "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
+            # On a busy 2-core machine a worker group can take over Ray's default 60 s to start.
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"],
+            # MLflow credentials travel as MLflow's own variables, never inside a URI.
+            **{k: os.environ[k] for k in CREDENTIAL_ENV if k in os.environ}}
+
+
 def init_ray(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")  # read where the trainer is built
-    # Workers inherit the driver's environment, so `python -m runner` works without an install too.
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")])),
-                        "FITRUN_PROGRESS": os.environ.get("FITRUN_PROGRESS", "1"),
-                        # Ray Train 2.60's structured worker logging echoes every printed line twice.
-                        "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
-                        # On a busy 2-core machine a worker group can take over Ray's default 60 s to start.
-                        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"],
-                        # MLflow credentials travel as MLflow's own variables, never inside a URI.
-                        **{k: os.environ[k] for k in CREDENTIAL_ENV if k in os.environ}}}
-    ray.init(address=address, runtime_env=env, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    env = worker_env()
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        # Inside a Ray job (`fitrun submit`): the job's runtime env (working_dir, worker_env()) already
+        # reaches every worker, and a second runtime env in the driver would set the working dir up again.
+        ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+        return
+    # Workers inherit the driver's path, so `python -m runner` works without an install too.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))
+    ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=True,
+             logging_level="WARNING")
 
 
 def absolute_paths(spec: JobSpec) -> JobSpec:
@@ -71,7 +82,9 @@ def make_trainer(spec: JobSpec, run_name: str, storage_path: str, uri: str | Non
 
     config = {"spec": spec.to_dict(), "tracking_uri": uri, "run_id": run_id,
               **({"probe": probe.to_dict()} if probe else {})}
-    max_failures = 0 if probe else spec.resolved_max_failures
+    on_cluster = bool(spec.resources.address or os.environ.get("RAY_ADDRESS"))
+    max_failures = 0 if probe else spec.training.max_failures if spec.training.max_failures is not None else \
+        3 if on_cluster else 0
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -119,6 +132,40 @@ def check_cluster_storage(spec: JobSpec, uri: str) -> None:
                                 "starts one on the head) and set tracking.tracking_uri: http://HEAD:5000"])
     print(f"note: {len(hosts)} hosts; output_dir {spec.output_dir} must be storage every host mounts (NFS, EFS)",
           flush=True)
+
+
+def fit_interruptibly(trainer):
+    """`trainer.fit()` in a helper thread, the main thread waiting where Python can run signal
+    handlers: a blocking `ray.get` in the main thread never returns to Python, so SIGTERM (`ray job
+    stop`) went unseen until the SIGKILL that follows. Raises `Stopped` on SIGTERM/SIGINT."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def target():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # handed to the main thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="fitrun-fit", daemon=True)
+    with _signals_stop():
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _shutdown_ray() -> None:
+    """Disconnect the driver: Ray ends the actors it owns (the Train controller and its workers)."""
+    import ray
+
+    try:
+        ray.shutdown()
+    except Exception as e:  # the process exits next: say so, do not mask the stop
+        print(f"warning: ray.shutdown: {e}", flush=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -186,10 +233,10 @@ def run_train(spec: JobSpec, resume: bool = True, allow_changes: bool = False) -
         print(f"resuming from {resume_from}", flush=True)
 
     try:
-        with _signals_stop():
-            result = make_trainer(spec, spec.name, str(out / "ray"), uri, logger.run_id).fit()
+        result = fit_interruptibly(make_trainer(spec, spec.name, str(out / "ray"), uri, logger.run_id))
     except Stopped as e:
         logger.end(ok=False, status="KILLED", reason=f"stopped by {e}")
+        _shutdown_ray()
         raise
     except Exception as e:
         logger.end(ok=False, reason=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}")

@@ -166,7 +166,8 @@ class TrainingSpec(_Strict):
     """Optimizer steps excluded from the steady-state tokens/s summary."""
     max_failures: int | None = Field(None, ge=-1)
     """Automatic restarts after a worker dies (Ray Train's FailureConfig), each from the latest
-    checkpoint; -1 is unlimited. Default: 3 on a cluster (resources.address set), else 0."""
+    checkpoint; -1 is unlimited. Default: 3 on a cluster (resources.address set, or inside a Ray job),
+    else 0."""
 
 
 class ResourcesSpec(_Strict):
@@ -236,11 +237,6 @@ class JobSpec(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
-    @property
-    def resolved_max_failures(self) -> int:
-        t = self.training
-        return t.max_failures if t.max_failures is not None else (3 if self.resources.address else 0)
 
     @property
     def global_batch_size(self) -> int:

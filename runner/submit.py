@@ -64,7 +64,9 @@ def submit(job_path: str, job: JobSpec, overrides: list[str], address: str | Non
             command += ["--set", item]
     command += durable_overrides(job) + list(extra)
     submission_id = f"fitrun-{job.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    env = {"RAY_JOB_STOP_WAIT_TIME_S": STOP_WAIT_S, "FITRUN_PROGRESS": "0",
+    from runner.launch import worker_env
+
+    env = {**worker_env(), "RAY_JOB_STOP_WAIT_TIME_S": STOP_WAIT_S, "FITRUN_PROGRESS": "0",
            **{k: os.environ[k] for k in PASSED_ENV if k in os.environ}}
     c = client(address)
     c.submit_job(entrypoint=shlex.join(command), submission_id=submission_id,

@@ -57,9 +57,25 @@ def tracking_uri(spec: TrackingSpec) -> str:
     return "sqlite:///" + str(Path("mlflow.db").absolute())
 
 
+def local_artifact_root(uri: str) -> str | None:
+    """For a SQLite store, `mlruns/` beside the database file (MLflow's default is the current
+    directory, which for a Ray job is a temporary copy of the working dir)."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri.removeprefix("sqlite:///")).absolute().parent / "mlruns")
+    return None
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp else client.create_experiment(name)
+    if exp is None:
+        return client.create_experiment(name, artifact_location=local_artifact_root(client.tracking_uri))
+    remote = client.tracking_uri.startswith(("http://", "https://"))
+    if remote and not exp.artifact_location.startswith(("mlflow-artifacts:", "s3:", "gs:", "wasbs:", "hdfs:")):
+        raise ValueError(f"MLflow experiment {name!r} keeps its artifacts at {exp.artifact_location}, a path on "
+                         "whichever machine logs them (it was created against a local store): set "
+                         "tracking.experiment_name to a new experiment, which the server creates with its own "
+                         "artifact store")
+    return exp.experiment_id
 
 
 def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any] | None = None,

@@ -4,6 +4,7 @@ teardown stops only the processes of this cluster (found by its temp dir), never
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -30,21 +31,30 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _stop_processes_under(temp: str) -> None:
-    """SIGTERM, then SIGKILL, every process whose command line names this cluster's temp dir, and its children."""
-    mine = []
+def _stop_cluster(temp_dirs: list[str], gcs_port: int) -> None:
+    """SIGTERM, then SIGKILL, the processes of this cluster only: those whose command line names one of
+    its temp dirs or its GCS port (`--address=...:PORT`), and their children."""
+    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+
+    def ours(cmdline: list[str]) -> bool:
+        return any(t in part for part in cmdline for t in temp_dirs) or \
+            any(part.startswith("--address=") and part.endswith(f":{gcs_port}") for part in cmdline)
+
+    mine = {}
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if any(temp in part for part in (p.info["cmdline"] or [])):
-                mine += [p, *p.children(recursive=True)]
+            if p.pid not in me and ours(p.info["cmdline"] or []):
+                for q in [p, *p.children(recursive=True)]:
+                    mine[q.pid] = q
         except psutil.Error:
             continue
-    for p in mine:
+    procs = [p for pid, p in mine.items() if pid not in me]
+    for p in procs:
         try:
             p.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(mine, timeout=10)
+    _, alive = psutil.wait_procs(procs, timeout=15)
     for p in alive:
         try:
             p.kill()
@@ -59,14 +69,16 @@ def cluster(tmp_path_factory):
     token = secrets.token_hex(16)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "FITRUN_PROGRESS": "0",
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's unix sockets live under it
+    # Short paths: Ray's unix sockets live under them. Each node its own, as on separate machines (nodes
+    # sharing one temp dir also share, and garbage-collect, each other's runtime-env files).
+    temp, temp2 = tempfile.mkdtemp(prefix="r", dir="/tmp"), tempfile.mkdtemp(prefix="r", dir="/tmp")
     gcs, dashboard, client_port, *rest = _free_ports(12)
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
     head = [ray, "start", "--head", f"--port={gcs}", f"--temp-dir={temp}", "--include-dashboard=true",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client_port}",
             f"--dashboard-agent-listen-port={rest[0]}", f"--metrics-export-port={rest[1]}",
             f"--runtime-env-agent-port={rest[2]}", f"--dashboard-agent-grpc-port={rest[3]}", *common]
-    worker = [ray, "start", f"--address=127.0.0.1:{gcs}", f"--dashboard-agent-listen-port={rest[4]}",
+    worker = [ray, "start", f"--address=127.0.0.1:{gcs}", f"--temp-dir={temp2}", f"--dashboard-agent-listen-port={rest[4]}",
               f"--metrics-export-port={rest[5]}", f"--runtime-env-agent-port={rest[6]}",
               f"--dashboard-agent-grpc-port={rest[7]}", *common]
     try:
@@ -74,8 +86,9 @@ def cluster(tmp_path_factory):
         subprocess.run(worker, check=True, env=env, capture_output=True, timeout=180)
         yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", env
     finally:
-        _stop_processes_under(temp)
+        _stop_cluster([temp, temp2], gcs)
         shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(temp2, ignore_errors=True)
 
 
 def fitrun(root, *args, env, timeout=600):
@@ -104,8 +117,9 @@ def wait_for_line(proc, prefix: str, min_step: int = 0, timeout_s: float = 300) 
     seen, deadline = [], time.monotonic() + timeout_s
     for line in proc.stdout:
         seen.append(line)
-        if line.startswith(prefix) and (not min_step or int(line.split()[1].split("/")[0]) >= min_step):
-            return seen
+        text = re.sub(r"^(\x1b\[[0-9;]*m)?\(\w+ pid=\d+\)(\x1b\[[0-9;]*m)? ", "", line)  # Ray's worker prefix
+        if text.startswith(prefix) and (not min_step or int(text.split()[1].split("/")[0]) >= min_step):
+            return seen[:-1] + [text]
         assert time.monotonic() < deadline, "".join(seen[-50:])
     raise AssertionError("process ended first:\n" + "".join(seen[-80:]))
 
@@ -127,7 +141,8 @@ def test_two_workers_on_two_nodes(root, tmp_path, cluster):
 
 def test_submit_status_logs_with_token_auth(root, tmp_path, cluster):
     _, dashboard, env = cluster
-    out = fitrun(root, "submit", *tiny(tmp_path, "--set", "training.max_steps=6", "--set", "training.save_steps=3"),
+    out = fitrun(root, "submit", *tiny(tmp_path, "--set", "training.max_steps=6", "--set", "training.save_steps=3",
+                                       "--set", "training.logging_steps=1"),
                  "--address", dashboard, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     job_id = next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("submitted "))
