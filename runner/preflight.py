@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -236,6 +237,13 @@ def check_output(spec: JobSpec) -> list[str]:
         return [f"output_dir: {spec.output_dir!r}: object-store URIs are not supported yet; use a directory on "
                 "storage every node mounts (NFS, EFS) or, on one machine, a local directory"]
     existing = next(p for p in [out, *out.absolute().parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        return [f"output_dir: {str(out)!r} cannot be written ({existing} is not a writable directory)"]
+    try:  # a real write: permission bits say little to root or on read-only and virtual filesystems
+        if not existing.is_dir():
+            raise NotADirectoryError(existing)
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".fitrun-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return [f"output_dir: {str(out)!r} cannot be written ({existing}: {e.strerror or type(e).__name__}); "
+                "choose a writable directory"]
     return []
