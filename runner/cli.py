@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.gpu_memory_gib is not None:
             space = space.model_copy(update={"gpu_memory_gib": args.gpu_memory_gib})
         try:
-            run_tune(job, space, resume=args.resume, gpu_hour_price=args.gpu_hour_price, winner_path=args.out)
+            run_tune(job, space, resume=args.resume, gpu_hour_price=args.gpu_hour_price, winner_path=args.out,
+                     file_init=load_job(args.job).model.init)
         except SpecError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -15,7 +15,7 @@ from runner.tracking import RunLogger
 
 
 def summarise(job, space, inner, winner, speed, speed_source, grid_size, started, exclusive, price, parent,
-               winner_path, out) -> dict[str, Any]:
+               winner_path, out, winner_base=None) -> dict[str, Any]:
     """Print and log the search's outcome; write the winner's job YAML. Returns the summary dict."""
     wall_s = (datetime.datetime.now() - started).total_seconds()
     results = list(inner.results.values())
@@ -45,7 +45,7 @@ def summarise(job, space, inner, winner, speed, speed_source, grid_size, started
     header = f"# fitrun tune winner: {c.key}, {tokens_per_s:,.0f} tokens/s ({speed_source}), " \
              f"peak {winner['peak_gib']:.2f} GiB under {space.gpu_memory_gib} GiB\n"
     path = Path(winner_path) if winner_path else out / "winner.yaml"
-    write_winner(job, c, space.lora_alpha_rule, header, path, parent)
+    write_winner(winner_base or job, c, space.lora_alpha_rule, header, path, parent)
     parent.tags({"winner": c.key})
     parent.metrics({"winner_tokens_per_s": tokens_per_s, "winner_peak_gib": winner["peak_gib"]})
     print(f"\nwinner: {c.key}  {tokens_per_s:,.0f} tokens/s ({speed_source}), peak {winner['peak_gib']:.3f} GiB; "
@@ -76,11 +76,13 @@ def trial_table(inner, exclusive: dict[str, dict]) -> str:
 
 
 def write_winner(job, c, alpha_rule: str, header: str, path: Path, parent: RunLogger) -> None:
-    """The winner as a ready job file (and an artifact of the search's run)."""
+    """The winner as a ready job file (and an artifact of the search's run): the user's job (paths as
+    given, its own model.init) with the config's values, under its own name and output directory, so
+    running it never touches the base job's adapter, checkpoints or DONE marker."""
     raw = apply_config(job, c, alpha_rule).to_dict()
     raw["name"] = f"{job.name}-tuned"
-    if job.resources.use_gpu:
-        raw["resources"].update(gpus_per_worker=1.0)
+    if "{name}" not in job.output_dir:
+        raw["output_dir"] = str(Path(job.output_dir).parent / "{name}")
     text = header + dump_yaml(job_from_dict(raw))
     path.write_text(text)
     parent.text(text, "winner.yaml")

@@ -160,14 +160,17 @@ def _on_result(c: Config, res: dict) -> None:
 
 
 def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hour_price: float | None = None,
-             winner_path: str | None = None, extra_exclusive: list[Config] = ()) -> dict[str, Any]:
-    """Run the search; print and return the winner, the frontier and the counts."""
+             winner_path: str | None = None, extra_exclusive: list[Config] = (), file_init: str | None = None
+             ) -> dict[str, Any]:
+    """Run the search; print and return the winner, the frontier and the counts. The winner's job file
+    starts from `job` as given, with `file_init` (the job file's model.init, when a dry run overrode it)."""
     import ray.tune
 
     from runner.kernels import check_available
     from runner.launch import absolute_paths, init_ray
     from runner.model import model_config
 
+    winner_base = job.model_copy(update={"model": job.model.model_copy(update={"init": file_init or job.model.init})})
     job = without_credentials(absolute_paths(job))
     check_available(job.training)
     num_layers = model_config(job.model, allow_builtin=True).num_hidden_layers
@@ -240,7 +243,7 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
     ranked = sorted(finalists, key=speed, reverse=True)
     winner = ranked[0] if ranked else None
     summary = summarise(job, space, inner, winner, speed, speed_source, grid_size, started, exclusive,
-                        gpu_hour_price, parent, winner_path, out)
+                        gpu_hour_price, parent, winner_path, out, winner_base=winner_base)
     parent.end(ok=winner is not None)
     return summary
 
