@@ -10,7 +10,8 @@ import time
 
 from gpu import hardware
 from runner.spec import load_job, load_search_space
-from runner.tune import Config, run_tune
+from runner.search import Config
+from runner.tune import run_tune
 
 
 def main() -> None:
