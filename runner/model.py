@@ -167,11 +167,10 @@ def build_model(spec: ModelSpec, lora: LoraSpec, device: torch.device, vocab_siz
 def build_base(spec: ModelSpec, device: torch.device, vocab_size: int | None = None, seed: int = 0,
                target: str | None = None) -> torch.nn.Module:
     """The base model in `spec.dtype` on `device`. The meta device builds the architecture only (for
-    the estimate), in the dtype planned for `target`. A base that will be quantized from random
-    weights is built on the CPU and reaches `device` layer by layer, quantized."""
+    the estimate), in the dtype planned for `target`. A random-init base that will be quantized (a dry
+    run) is built in the model dtype first, so it needs room for those weights for a moment; a
+    pretrained base is quantized while it loads."""
     meta = device.type == "meta"
-    quantize_later = spec.quantization != "none" and spec.init == "random" and not meta
-    build_device = torch.device("cpu") if quantize_later else device
     dtype = resolve_dtype(spec, target or device.type)
     config = model_config(spec, allow_builtin=meta)
     config.use_cache = False  # a training forward must not build a KV cache (it keeps activations alive)
@@ -185,7 +184,7 @@ def build_base(spec: ModelSpec, device: torch.device, vocab_size: int | None = N
             base = AutoModelForCausalLM.from_config(config, dtype=dtype)
     elif spec.init == "random":
         torch.manual_seed(seed)
-        with torch.device(build_device):
+        with torch.device(device):
             base = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=spec.attn_implementation)
     else:
         base = AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=dtype, device_map={"": device},
@@ -225,16 +224,18 @@ def quantize_linear_layers(base: torch.nn.Module, quantization: str, device: tor
             if quantization == "nf4":
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
-                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
                                              compress_statistics=True)
             else:
                 q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
                                         has_fp16_weights=False)
-                q.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
+                q.weight = bnb.nn.Int8Params(child.weight.data, requires_grad=False, has_fp16_weights=False)
             if child.bias is not None:
                 q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
             setattr(parent, name.rsplit(".", 1)[-1], q.to(device))  # bitsandbytes quantizes on the move
-    base.to(device)
+            del child
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the bf16 weights' blocks
     base.is_loaded_in_4bit, base.is_loaded_in_8bit = quantization == "nf4", quantization == "int8"
 
 
