@@ -1,4 +1,5 @@
-"""The command line: fitrun validate | train | tune | estimate. Nothing else imports this module."""
+"""The command line: fitrun validate | train | tune | estimate | submit | status | logs | stop.
+Nothing else imports this module."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def _job_args(p: argparse.ArgumentParser) -> None:
                    help="override a spec field, e.g. --set training.max_steps=50 (repeatable)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fitrun", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -58,8 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--address", help="the cluster's dashboard address")
         if name == "logs":
             p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, validate and preflight, then one branch per command (a dispatch table would hide the exit codes)."""
+    args = _parser().parse_args(argv)
     if args.command in ("status", "logs", "stop"):
         return _job_command(args)
     try:

@@ -90,7 +90,8 @@ def _as_eager_run():
 
 
 def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None = None) -> Estimate:
-    """Peak memory of one training step of `spec` on `target` ('cuda' or 'cpu'; default from the spec)."""
+    """Peak memory of one training step of `spec` on `target` ('cuda' or 'cpu'; default from the spec).
+    One function on purpose: the trace and the analytic terms read as one accounting, top to bottom."""
     target = target or ("cuda" if spec.resources.use_gpu else "cpu")
     dtype = resolve_dtype(spec.model, target)
     fake = FakeTensorMode()

@@ -163,7 +163,8 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
              winner_path: str | None = None, extra_exclusive: list[Config] = (), file_init: str | None = None
              ) -> dict[str, Any]:
     """Run the search; print and return the winner, the frontier and the counts. The winner's job file
-    starts from `job` as given, with `file_init` (the job file's model.init, when a dry run overrode it)."""
+    starts from `job` as given, with `file_init` (the job file's model.init, when a dry run overrode it).
+    Long on purpose: the driver reads top to bottom (set up or resume, search, rank, report)."""
     import ray.tune
 
     from runner.kernels import check_available
@@ -225,7 +226,17 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
         print(f"search interrupted after {len(inner.results)} trial(s); continue it with --resume", flush=True)
         raise SystemExit(130)
 
-    # -- rank finalists by uncontended speed ---------------------------------------------------
+    winner, speed, speed_source, exclusive = _rank_finalists(inner, job, space, uri, parent_id, storage,
+                                                             n_concurrent, extra_exclusive)
+    summary = summarise(job, space, inner, winner, speed, speed_source, grid_size, started, exclusive,
+                        gpu_hour_price, parent, winner_path, out, winner_base=winner_base)
+    parent.end(ok=winner is not None)
+    return summary
+
+
+def _rank_finalists(inner, job, space, uri, parent_id, storage, n_concurrent, extra_exclusive):
+    """The columns' best configs ranked by uncontended speed: re-measured one at a time when probes
+    shared the card. Returns (winner or None, speed function, its label, exclusive results)."""
     finalists = sorted(inner.best_per_column(), key=lambda res: -res["tokens_per_s"])[:space.exclusive_finalists]
     exclusive_configs = [res["config"] for res in finalists] if n_concurrent > 1 else []
     exclusive_configs += [c for c in extra_exclusive if c not in exclusive_configs]
@@ -241,11 +252,7 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
         return res["tokens_per_s"]
 
     ranked = sorted(finalists, key=speed, reverse=True)
-    winner = ranked[0] if ranked else None
-    summary = summarise(job, space, inner, winner, speed, speed_source, grid_size, started, exclusive,
-                        gpu_hour_price, parent, winner_path, out, winner_base=winner_base)
-    parent.end(ok=winner is not None)
-    return summary
+    return (ranked[0] if ranked else None), speed, speed_source, exclusive
 
 
 def _run_exclusive(configs: list[Config], job: JobSpec, space: SearchSpaceSpec, uri: str, parent_id: str,
