@@ -4,7 +4,7 @@ truncation accounting, packing, and deterministic micro-batches that can resume 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,50 @@ class TokenizedData:
     num_rows: int
     num_truncated: int
     num_train_tokens: int
+    accounting: dict[str, float] = field(default_factory=dict)
+
+    def summary_line(self) -> str:
+        a = self.accounting
+        dropped = ", ".join(f"{int(v)} {k.removeprefix('dropped_')}" for k, v in a.items()
+                            if k.startswith("dropped_") and v) or "none"
+        return (f"data: {int(a['rows_read'])} rows read; dropped: {dropped}; {int(a['rows_truncated'])} truncated; "
+                f"{len(self.train)} train / {len(self.eval)} eval sequences; "
+                f"{int(a['trainable_tokens_per_epoch']):,} trainable tokens per epoch of "
+                f"{int(a['positions_per_epoch']):,} positions ({a['token_efficiency']:.0%})")
+
+
+def conversation_fields(spec: DataSpec) -> tuple[str, str, str]:
+    """(conversation column, role key, content key) for a conversational format."""
+    sharegpt = spec.format == "sharegpt"
+    return (spec.field_messages or ("conversations" if sharegpt else "messages"),
+            spec.message_field_role or ("from" if sharegpt else "role"),
+            spec.message_field_content or ("value" if sharegpt else "content"))
+
+
+def normalize_conversation(turns, spec: DataSpec) -> tuple[list[dict] | None, list[str]]:
+    """A row's turns as [{role: system|user|assistant, content}], by `spec.roles`, with `bad_turns`
+    applied. Returns (messages or None if the row is dropped, the problems found: one word each)."""
+    _, role_key, content_key = conversation_fields(spec)
+    alias = {name: role for role, names in spec.roles.items() for name in names}
+    messages, problems = [], []
+    for turn in turns if isinstance(turns, list) else []:
+        role = alias.get(turn.get(role_key)) if isinstance(turn, dict) else None
+        content = turn.get(content_key) if isinstance(turn, dict) else None
+        if role is None:
+            problems.append("unknown_role")
+        elif not isinstance(content, str) or not content.strip():
+            problems.append("empty_turn")
+        elif not any(m["role"] == "user" for m in messages) and role == "assistant":
+            problems.append("leading_non_user_turn")
+        elif role == "system" and messages:
+            problems.append("late_system_turn")
+        else:
+            messages.append({"role": role, "content": content})
+    if not isinstance(turns, list):
+        problems.append("not_a_conversation")
+    if problems and spec.bad_turns != "drop_turn":
+        return None, problems
+    return messages, problems
 
 
 def load_rows(spec: DataSpec) -> Dataset:
@@ -83,26 +127,49 @@ def _tokenize_text(row: dict, tok, train_on_inputs: bool) -> tuple[list[int], li
 
 
 FORMATS = {"alpaca": (_tokenize_alpaca, {"instruction", "output"}),
-           "messages": (_tokenize_messages, {"messages"}),
+           "messages": (_tokenize_messages, set()),  # the conversation column comes from the spec
+           "sharegpt": (_tokenize_messages, set()),
            "text": (_tokenize_text, {"text"})}
 
 
+def required_columns(spec: DataSpec) -> set[str]:
+    return {conversation_fields(spec)[0]} if spec.format in ("messages", "sharegpt") else FORMATS[spec.format][1]
+
+
 def tokenize(spec: DataSpec, tok, seed: int = 0) -> TokenizedData:
+    """Rows -> token ids and labels, with the data accounting: rows read, dropped by reason, truncated,
+    rows left with no trainable token (dropped, never batched), trainable tokens per epoch."""
     ds = load_rows(spec)
-    fn, needed = FORMATS[spec.format]
+    fn = FORMATS[spec.format][0]
+    needed = required_columns(spec)
     missing = needed - set(ds.column_names)
     if missing:
         raise ValueError(f"data.format={spec.format!r} needs columns {sorted(needed)}; "
                          f"{spec.path} has {ds.column_names} (missing {sorted(missing)})")
+    conversational = spec.format in ("messages", "sharegpt")
+    column = conversation_fields(spec)[0]
 
     def encode(row):
+        problems: list[str] = []
+        if conversational:
+            messages, problems = normalize_conversation(row[column], spec)
+            if messages is None or not any(m["role"] == "assistant" for m in messages):
+                return {"input_ids": [], "labels": [], "truncated": False, "problems": problems,
+                        "dropped": "bad_turns" if messages is None else "no_assistant_turn"}
+            row = {"messages": messages}
         ids, labels = fn(row, tok, spec.train_on_inputs)
-        truncated = len(ids) > spec.sequence_len
-        return {"input_ids": ids[: spec.sequence_len], "labels": labels[: spec.sequence_len], "truncated": truncated}
+        labels = labels[: spec.sequence_len]
+        trainable = any(t != IGNORE for t in labels[1:])
+        return {"input_ids": ids[: spec.sequence_len], "labels": labels, "truncated": len(ids) > spec.sequence_len,
+                "problems": problems, "dropped": "" if trainable else "zero_trainable_tokens"}
 
     encoded = ds.map(encode, remove_columns=ds.column_names, desc="tokenize")
-    num_truncated = int(sum(encoded["truncated"]))
-    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in encoded]
+    accounting = {"rows_read": float(len(encoded)), "rows_truncated": float(sum(encoded["truncated"]))}
+    for reason in ("bad_turns", "no_assistant_turn", "zero_trainable_tokens"):
+        accounting[f"dropped_{reason}"] = float(sum(d == reason for d in encoded["dropped"]))
+    for problem in ("unknown_role", "empty_turn", "leading_non_user_turn", "late_system_turn"):
+        accounting[f"turns_dropped_{problem}"] = float(sum(p.count(problem) for p in encoded["problems"]))
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in encoded if not r["dropped"]]
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     num_eval = int(round(len(rows) * spec.val_fraction))
@@ -112,10 +179,18 @@ def tokenize(spec: DataSpec, tok, seed: int = 0) -> TokenizedData:
         train_rows = pack(train_rows, spec.sequence_len)
         eval_rows = pack(eval_rows, spec.sequence_len) if eval_rows else []
     if not train_rows:
-        raise ValueError(f"data.path {spec.path}: no training rows left (rows={len(rows)}, val_fraction="
-                         f"{spec.val_fraction}, packing={spec.packing} needs >= sequence_len tokens)")
-    return TokenizedData(train=train_rows, eval=eval_rows, num_rows=len(rows), num_truncated=num_truncated,
-                         num_train_tokens=sum(len(r["input_ids"]) for r in train_rows))
+        raise ValueError(f"data.path {spec.path}: no training rows left (read {len(encoded)}, kept {len(rows)} with "
+                         f"trainable tokens; val_fraction={spec.val_fraction}, packing={spec.packing} needs >= "
+                         "sequence_len tokens)")
+    trainable = sum(sum(t != IGNORE for t in r["labels"][1:]) for r in train_rows)
+    positions = sum(len(r["input_ids"]) for r in train_rows) if spec.packing or not spec.pad_to_sequence_len \
+        else len(train_rows) * spec.sequence_len
+    accounting.update(rows_kept=float(len(rows)), train_sequences=float(len(train_rows)),
+                      trainable_tokens_per_epoch=float(trainable), positions_per_epoch=float(positions),
+                      token_efficiency=trainable / max(1, positions))
+    return TokenizedData(train=train_rows, eval=eval_rows, num_rows=len(rows),
+                         num_truncated=int(accounting["rows_truncated"]),
+                         num_train_tokens=sum(len(r["input_ids"]) for r in train_rows), accounting=accounting)
 
 
 def pack(rows: list[dict], sequence_len: int) -> list[dict]:

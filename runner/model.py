@@ -4,6 +4,7 @@ and `build_trainable`: the one place where a job's model is put together with al
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,6 @@ SHIPPED_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "tokenizer"
 def hub_reachable(timeout_s: float = 3.0) -> bool:
     """One quick TCP connect to the hub per process (never with HF_HUB_OFFLINE=1), instead of the
     hub client's retries with backoff for every file when there is no network."""
-    import os
     import socket
     from urllib.parse import urlparse
 

@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
+from runner.data import conversation_fields, normalize_conversation, required_columns
 from runner.spec import JobSpec, SpecError
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
-FORMAT_COLUMNS = {"alpaca": {"instruction", "output"}, "messages": {"messages"}, "text": {"text"}}
 
 
 def preflight(spec: JobSpec, source: str = "job") -> None:
@@ -49,7 +49,7 @@ def check_data(spec: JobSpec) -> list[str]:
     for f in files:
         if f.suffix not in DATA_SUFFIXES:
             return [f"data.path: unsupported file type {f.suffix or '(none)'!r} for {f.name}; use .jsonl, .json or .parquet"]
-        n, problem = _count_rows(f, FORMAT_COLUMNS[d.format], d.format)
+        n, problem = _count_rows(f, d)
         if problem:
             problems.append(f"data.path: {problem}")
         rows += n
@@ -58,6 +58,9 @@ def check_data(spec: JobSpec) -> list[str]:
     if d.max_rows is not None:
         rows = min(rows, d.max_rows)
     train_rows = rows - int(round(rows * d.val_fraction))
+    if not rows:
+        return [f"data.path: no row of {d.path!r} has a user turn followed by an assistant turn with text (after "
+                f"data.bad_turns: {d.bad_turns}): nothing to train on"]
     need = spec.training.micro_batch_size * spec.resources.num_workers
     if not d.packing and train_rows < need:
         problems.append(f"data.path: {train_rows} training rows in {d.path!r} (after val_fraction {d.val_fraction}), "
@@ -68,8 +71,10 @@ def check_data(spec: JobSpec) -> list[str]:
     return problems
 
 
-def _count_rows(f: Path, columns: set[str], fmt: str) -> tuple[int, str | None]:
-    """(rows, first problem) of one data file, read the way `datasets` will read it."""
+def _count_rows(f: Path, d) -> tuple[int, str | None]:
+    """(usable rows, first problem) of one data file, read the way `datasets` will read it; for a
+    conversation, usable means it keeps an assistant turn under `data.bad_turns`."""
+    columns, fmt = required_columns(d), d.format
     if not os.access(f, os.R_OK):
         return 0, f"{f} is not readable"
     if f.suffix == ".parquet":
@@ -98,7 +103,7 @@ def _count_rows(f: Path, columns: set[str], fmt: str) -> tuple[int, str | None]:
             rows = next(iter(rows.values()))  # {"data": [...]}, as `datasets` reads it
         if not isinstance(rows, list):
             return 0, f"{f}: a .json data file holds a list of rows (objects); got {type(rows).__name__}"
-        return len(rows), _check_rows(f, rows, columns, fmt, lambda i: f"row {i}")
+        return _check_rows(f, rows, d, lambda i: f"row {i}")
     rows, lines = [], []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -108,21 +113,31 @@ def _count_rows(f: Path, columns: set[str], fmt: str) -> tuple[int, str | None]:
             lines.append(i)
         except json.JSONDecodeError as e:
             return 0, f"{f}, line {i}: not valid JSON ({e.msg} at column {e.colno})"
-    return len(rows), _check_rows(f, rows, columns, fmt, lambda i: f"line {lines[i - 1]}")
+    return _check_rows(f, rows, d, lambda i: f"line {lines[i - 1]}")
 
 
-def _check_rows(f: Path, rows: list, columns: set[str], fmt: str, where) -> str | None:
+def _check_rows(f: Path, rows: list, d, where) -> tuple[int, str | None]:
+    columns, fmt = required_columns(d), d.format
+    usable = 0
     for i, row in enumerate(rows, 1):
         if not isinstance(row, dict):
-            return f"{f}, {where(i)}: a row is a JSON object, got {type(row).__name__}"
+            return 0, f"{f}, {where(i)}: a row is a JSON object, got {type(row).__name__}"
         missing = columns - set(row)
         if missing:
-            return (f"{f}, {where(i)}: data.format {fmt!r} needs keys {sorted(columns)}, missing {sorted(missing)} "
-                    "(set data.format to match the file)")
-        if fmt == "messages" and not (isinstance(row["messages"], list) and all(
-                isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in row["messages"])):
-            return f"{f}, {where(i)}: messages must be a list of {{role, content}} objects with text content"
-    return None
+            return 0, (f"{f}, {where(i)}: data.format {fmt!r} needs keys {sorted(columns)}, missing {sorted(missing)} "
+                       "(set data.format to match the file)")
+        if fmt not in ("messages", "sharegpt"):
+            usable += 1
+            continue
+        turns = row[conversation_fields(d)[0]]
+        if not isinstance(turns, list):
+            return 0, f"{f}, {where(i)}: {conversation_fields(d)[0]} must be a list of turns, got {type(turns).__name__}"
+        messages, problems = normalize_conversation(turns, d)
+        if problems and d.bad_turns == "refuse":
+            return 0, (f"{f}, {where(i)}: {', '.join(sorted(set(problems)))} (data.bad_turns: refuse; drop_turn or "
+                       "drop_row would skip it)")
+        usable += bool(messages) and any(m["role"] == "assistant" for m in messages)
+    return usable, None
 
 
 # -- model and tokenizer -----------------------------------------------------------------------

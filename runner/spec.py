@@ -71,8 +71,23 @@ class TokenizerSpec(_Strict):
 class DataSpec(_Strict):
     path: str
     """Local .jsonl/.json/.parquet file (or directory of them), or an HF dataset id."""
-    format: Literal["alpaca", "messages", "text"] = "alpaca"
-    """Row layout: alpaca (instruction/input/output), messages (chat, loss on assistant), text."""
+    format: Literal["alpaca", "messages", "sharegpt", "text"] = "alpaca"
+    """Row layout: alpaca (instruction/input/output); messages (`messages: [{role, content}]`, loss on
+    assistant turns); sharegpt (`conversations: [{from, value}]`, roles by `roles`); text."""
+    field_messages: str | None = None
+    """Column holding the conversation (default `messages`, or `conversations` for sharegpt)."""
+    message_field_role: str | None = None
+    """Key of a turn's role (default `role`, or `from` for sharegpt)."""
+    message_field_content: str | None = None
+    """Key of a turn's text (default `content`, or `value` for sharegpt)."""
+    roles: dict[Literal["system", "user", "assistant"], list[str]] = {
+        "system": ["system"], "user": ["user", "human"],
+        "assistant": ["assistant", "gpt", "model", "chatgpt", "bing", "bard"]}
+    """Which role names in the data mean system, user and assistant (axolotl/LLaMA-Factory aliases)."""
+    bad_turns: Literal["drop_turn", "drop_row", "refuse"] = "drop_turn"
+    """What to do with a conversation's unusable turns (an unknown role, empty or missing text, turns
+    before the first user turn other than a leading system turn): drop the turn, drop the whole row,
+    or refuse the file (preflight names the row). Every drop is counted in the data accounting."""
     split: str = "train"
     """Split to read from an HF dataset id."""
     sequence_len: int = Field(2048, gt=0)

@@ -91,8 +91,7 @@ def setup(spec: JobSpec, probe: Probe | None, tracking_uri: str | None, run_id: 
     batches = MicroBatches(data.train, t.micro_batch_size, tok.pad_token_id, t.seed, rank, world_size, pad_to)
     steps_per_epoch = max(1, batches.per_epoch // t.gradient_accumulation_steps)
     max_steps = probe.warmup_steps + probe.steps if probe else (t.max_steps or math.ceil(t.num_epochs * steps_per_epoch))
-    console.say(f"data: {data.num_rows} rows, {data.num_truncated} truncated to {spec.data.sequence_len} tokens, "
-                f"{len(data.train)} train / {len(data.eval)} eval sequences")
+    console.say(data.summary_line())
     console.say(f"batch: micro {t.micro_batch_size} x accum {t.gradient_accumulation_steps} x workers {world_size} "
                 f"= global {t.micro_batch_size * t.gradient_accumulation_steps * world_size}; {max_steps} steps")
 
@@ -118,6 +117,7 @@ def setup(spec: JobSpec, probe: Probe | None, tracking_uri: str | None, run_id: 
         console.say(f"resumed from {resume.path} at step {run.step}")
     if logger:
         run.logged_through = logger.last_step("loss")
+        logger.metrics({f"data_{k}": v for k, v in data.accounting.items()})
     console.say(f"worker pid {os.getpid()} (rank {rank}, {device})")
     return run
 

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -21,8 +22,11 @@ def test_messages_train_only_on_assistant_replies(root, tokenizer):
 def test_alpaca_masks_prompt_and_counts_truncation(root, tokenizer):
     data = tokenize(DataSpec(path=str(root / "data/instructions.alpaca.jsonl"), format="alpaca",
                              sequence_len=24, val_fraction=0.1), tokenizer)
-    assert data.num_rows == 320 and data.num_truncated > 0
-    assert len(data.eval) == 32 and len(data.train) == 288
+    assert data.accounting["rows_read"] == 320 and data.num_truncated > 0
+    # Rows whose reply is truncated away entirely have no trainable token: dropped, counted, never batched.
+    zero = data.accounting["dropped_zero_trainable_tokens"]
+    assert zero > 0 and data.num_rows == 320 - zero
+    assert len(data.eval) == round(data.num_rows * 0.1) and len(data.train) + len(data.eval) == data.num_rows
     assert all(len(r["input_ids"]) <= 24 for r in data.train)
     full = tokenize(DataSpec(path=str(root / "data/instructions.alpaca.jsonl"), format="alpaca", sequence_len=512),
                     tokenizer)
@@ -65,3 +69,53 @@ def test_micro_batches_resume_at_position(root, tokenizer):
     assert all(torch.equal(b.next()["input_ids"], s) for s in seq[57:])
     shards = [MicroBatches(data.train, 4, tokenizer.pad_token_id, 3, rank=r, world_size=2) for r in (0, 1)]
     assert {id(r) for r in shards[0].rows}.isdisjoint(id(r) for r in shards[1].rows)
+
+
+SHAREGPT = "tests/data/sharegpt_odd.jsonl"  # written by us: every odd case of real ShareGPT exports
+
+
+def test_sharegpt_odd_cases_are_counted_and_never_trained_as_junk(root, tokenizer):
+    spec = DataSpec(path=str(root / SHAREGPT), format="sharegpt", sequence_len=128)
+    data = tokenize(spec, tokenizer)
+    a = data.accounting
+    assert a["rows_read"] == 40 and a["rows_kept"] == 36 == data.num_rows
+    assert a["dropped_no_assistant_turn"] == 3  # assistant-only, user-only, empty conversation
+    assert a["dropped_zero_trainable_tokens"] == 1 and a["rows_truncated"] == 1  # the reply truncated away
+    assert a["dropped_bad_turns"] == 0
+    assert a["turns_dropped_leading_non_user_turn"] == 2 and a["turns_dropped_unknown_role"] == 1
+    assert a["turns_dropped_empty_turn"] == 2  # a blank reply and one without a value
+    assert 0 < a["trainable_tokens_per_epoch"] < a["positions_per_epoch"]
+    texts = [(tokenizer.decode(r["input_ids"]), tokenizer.decode([t for t, l in zip(r["input_ids"], r["labels"])
+                                                                  if l != IGNORE])) for r in data.train]
+    assert not any("None" in full for full, _ in texts)
+    aliases = next(trained for full, trained in texts if "Two plus two" in full)
+    assert "Four." in aliases and "Five." in aliases and "Yes." in aliases  # bing, chatgpt, bard are assistants
+    assert not any("(a pause)" in full for full, _ in texts)  # the unknown role's turn is gone
+    first = next(full for full, _ in texts if "Say hi." in full)
+    assert "How can I help" not in first  # the leading assistant turn is gone
+
+    strict = tokenize(DataSpec(path=str(root / SHAREGPT), format="sharegpt", sequence_len=128, bad_turns="drop_row"),
+                      tokenizer)
+    assert strict.accounting["dropped_bad_turns"] == 5 and strict.num_rows == 32
+
+
+@pytest.mark.ray
+def test_ten_steps_on_sharegpt_through_fitrun_train(root, tmp_path):
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    args = [sys.executable, "-m", "runner", "train", "jobs/tiny-cpu.yaml", "--set", f"data.path={SHAREGPT}",
+            "--set", "data.format=sharegpt", "--set", "training.max_steps=10", "--set", "training.save_steps=null",
+            "--set", "training.eval_steps=null", "--set", f"output_dir={tmp_path}/out",
+            "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    out = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "FITRUN_PROGRESS": "0"})
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    assert "data: 40 rows read; dropped: 3 no_assistant_turn, 1 zero_trainable_tokens; 1 truncated" in log
+    assert "step    10/10" in log
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("fitrun-tiny").experiment_id])
+    assert run.data.metrics["data_rows_read"] == 40 and run.data.metrics["data_dropped_zero_trainable_tokens"] == 1
