@@ -37,6 +37,22 @@ class TokenizedData:
                 f"{int(a['positions_per_epoch']):,} positions ({a['token_efficiency']:.0%})")
 
 
+def content_digest(spec: DataSpec) -> str:
+    """sha256 (first 32 hex) of the data files' bytes, or of the hub id and split."""
+    import hashlib
+
+    path = Path(spec.path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    if not files:
+        h.update(f"{spec.path}:{spec.split}".encode())
+    return h.hexdigest()[:32]
+
+
 def conversation_fields(spec: DataSpec) -> tuple[str, str, str]:
     """(conversation column, role key, content key) for a conversational format."""
     sharegpt = spec.format == "sharegpt"

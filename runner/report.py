@@ -34,8 +34,9 @@ def summarise(job, space, inner, winner, speed, speed_source, grid_size, started
                                "speed_source": speed_source, "table": table}
     parent.metrics({k: float(v) for k, v in counts.items()} | {"tune_wall_s": wall_s})
     parent.text(table, "trials.md")
+    parent.table(trial_rows(inner, exclusive), "trials.json")  # the MLflow UI shows it as a table
     parent.text("\n".join(front_lines), "frontier.md")
-    _plot(results, front, parent, out)
+    _plot(results, front, parent, out, space, winner)
     if winner is None:
         print("no configuration fits the ceiling: raise gpu_memory_gib, allow more checkpointed layers, "
               "or smaller micro-batches (larger accumulation)")
@@ -75,6 +76,16 @@ def trial_table(inner, exclusive: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def trial_rows(inner, exclusive: dict[str, dict]) -> dict[str, list]:
+    """The trial table as columns, for `mlflow.log_table`."""
+    rows = [(r["config"].key, r["status"], r.get("peak_gib"), r.get("measured_tokens_per_s", 0.0),
+             (exclusive.get(r["config"].key) or {}).get("tokens_per_s"), r.get("loss"))
+            for r in sorted(inner.results.values(), key=lambda r: r["config"])]
+    rows += [(key, "pruned", None, None, None, None) for key in sorted(inner.pruned)]
+    names = ("config", "status", "peak_gib", "tokens_per_s_packed", "tokens_per_s_exclusive", "loss")
+    return {n: [row[i] for row in rows] for i, n in enumerate(names)}
+
+
 def write_winner(job, c, alpha_rule: str, header: str, path: Path, parent: RunLogger) -> None:
     """The winner as a ready job file (and an artifact of the search's run): the user's job (paths as
     given, its own model.init) with the config's values, under its own name and output directory, so
@@ -102,21 +113,33 @@ def cost(job, tokens_per_s: float, price: float) -> dict[str, float]:
     return {"usd_per_million_tokens": per_m, "usd_per_epoch": per_epoch}
 
 
-def _plot(results, front, parent: RunLogger, out: Path) -> None:
+def _plot(results, front, parent: RunLogger, out: Path, space, winner: dict | None) -> None:
+    """Memory vs speed: every measured config, labelled; the frontier; the ceiling and the line a peak
+    must stay under (ceiling - margin); the winner starred."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for status, colour in (("ok", "tab:blue"), ("infeasible", "tab:red")):
         pts = [r for r in results if r["status"] == status and r.get("peak_gib") is not None]
         ax.scatter([r["peak_gib"] for r in pts], [r.get("measured_tokens_per_s", 0) for r in pts], c=colour,
                    label=status, s=18)
-    ax.plot([p["peak_gib"] for p in front], [p["tokens_per_s"] for p in front], "k--", lw=1, label="frontier")
-    ax.set_xlabel("peak memory (GiB)")
-    ax.set_ylabel("tokens/s")
-    ax.legend()
+        for r in pts:
+            ax.annotate(r["config"].key, (r["peak_gib"], r.get("measured_tokens_per_s", 0)), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.plot([p["peak_gib"] for p in front], [p["tokens_per_s"] for p in front], "k--", marker="o", mfc="none",
+            lw=1, label="frontier")
+    ax.axvline(space.gpu_memory_gib, color="tab:red", lw=1, label=f"ceiling {space.gpu_memory_gib:g} GiB")
+    if space.safety_margin_gib:
+        ax.axvline(space.limit_gib, color="tab:orange", ls=":", lw=1, label=f"ceiling - margin {space.limit_gib:g} GiB")
+    if winner is not None:
+        ax.scatter([winner["peak_gib"]], [winner["tokens_per_s"]], marker="*", s=180, c="gold", edgecolors="k",
+                   zorder=5, label=f"winner {winner['config'].key}")
+    ax.set_xlabel("peak memory (GiB; reserved on GPU, tensor bytes on CPU)")
+    ax.set_ylabel("tokens/s (packed probes)")
+    ax.legend(fontsize=7)
     ax.set_title("fitrun tune: memory vs speed")
     path = out / "frontier.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")

@@ -126,6 +126,19 @@ class RunLogger:
     def text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
+    def dataset(self, name: str, digest: str, source: str, profile: dict, context: str = "train") -> None:
+        """The run's input dataset (MLflow's Datasets tab): name, content digest, source, accounting."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        ds = Dataset(name=name, digest=digest, source_type="local" if "://" not in source else "uri",
+                     source=json.dumps({"uri": redact(source)}), profile=json.dumps(profile))
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds, [InputTag("mlflow.data.context", context)])])
+
+    def table(self, columns: dict[str, list], artifact_file: str) -> None:
+        self.client.log_table(self.run_id, data=columns, artifact_file=artifact_file)
+
     def artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 

@@ -27,11 +27,13 @@ def probe_spec(job: dict, c: Config, space: SearchSpaceSpec) -> tuple[JobSpec, P
     return job_from_dict(raw, "probe"), probe
 
 
-def trial_params(spec: JobSpec, c: Config) -> dict:
-    return {"r": c.r, "lora_alpha": spec.lora.lora_alpha, "k": c.k, "placement": c.placement, "policy": c.policy,
+def trial_params(c: Config, lora_alpha: float) -> dict:
+    """The one param set of every child run, measured or pruned, so the UI charts them together."""
+    k = "-" if c.k is None else c.k  # a dominated column: no k was ever chosen
+    return {"r": c.r, "lora_alpha": lora_alpha, "k": k, "placement": c.placement, "policy": c.policy,
             "adapter_dtype": c.adapter_dtype, "offload": c.offload, "quantization": c.quantization,
             "micro_batch_size": c.micro_batch_size, "gradient_accumulation_steps": c.gradient_accumulation_steps,
-            "checkpointed_layers": c.k}
+            "checkpointed_layers": k}
 
 
 def probe_trial(config: dict, job: dict, space: dict, uri: str, parent_run_id: str, storage: str,
@@ -49,7 +51,7 @@ def probe_trial(config: dict, job: dict, space: dict, uri: str, parent_run_id: s
                       f"and tags.fitrun_phase = '{phase}'")
     if run_id is None:  # a resumed search reuses the trial's run: no duplicates
         run_id = start_run(uri, spec.tracking.experiment_name, f"{phase}-{c.key}", parent_run_id=parent_run_id,
-                           params=trial_params(spec, c),
+                           params=trial_params(c, spec.lora.lora_alpha),
                            tags={"fitrun_config": c.key, "fitrun_phase": phase, "fitrun.kind": "trial"})
     logger = RunLogger(uri, run_id)
     trainer = make_trainer(spec, f"{phase}-{ray.tune.get_context().get_trial_id()}", storage, uri, run_id, probe)

@@ -40,13 +40,14 @@ def tune_searcher_class():
         def suggest(self, trial_id: str):
             before, before_columns = set(self.inner.pruned), set(self.inner.dominated)
             nxt = self.inner.next_config()
-            new_pruned = [(key, self.inner.pruned[key]) for key in set(self.inner.pruned) - before] + \
-                [(column.key + "-dominated", None) for column in set(self.inner.dominated) - before_columns]
+            by_key = {c.at_k(k).key: c.at_k(k) for c in self.inner.columns for k in self.inner.ks}
+            new_pruned = [(by_key[key], self.inner.pruned[key]) for key in set(self.inner.pruned) - before] + \
+                [(column, None) for column in set(self.inner.dominated) - before_columns]
             if new_pruned:
                 self.save(str(self.state_path))
-            for key, predicted in new_pruned:
+            for config, predicted in new_pruned:
                 if self.on_pruned:
-                    self.on_pruned(key, predicted)
+                    self.on_pruned(config, predicted)
             if nxt == "done":
                 self.finished = True
                 return Searcher.FINISHED
@@ -140,16 +141,23 @@ def _trainable(job: JobSpec, space: SearchSpaceSpec, uri: str, parent_id: str, s
         {"cpu": TRIAL_CPUS})
 
 
-def _pruned_logger(uri: str, experiment: str, parent_id: str):
-    def on_pruned(key: str, predicted_gib: float | None) -> None:
-        """A config never launched: predicted over the ceiling, or a column dominated by a smaller rank."""
-        reason = "estimate" if predicted_gib is not None else "dominated"
+def _pruned_logger(uri: str, experiment: str, parent_id: str, alpha_rule: str, limit_gib: float):
+    def on_pruned(c: Config, predicted_gib: float | None) -> None:
+        """A config never launched: predicted over the ceiling, or a column dominated by a smaller rank.
+        Same params as a measured child; ends KILLED (it never ran), with the reason."""
+        from runner.spec import alpha_for
+        from runner.trial import trial_params
+
+        key = c.key if predicted_gib is not None else c.key + "-dominated"
+        reason = f"predicted {predicted_gib:.3f} GiB > {limit_gib:.3f} GiB (estimate)" if predicted_gib is not None \
+            else "dominated: a smaller rank fits with no more checkpointed layers"
         run = start_run(uri, experiment, f"pruned-{key}", parent_run_id=parent_id,
-                        params={"config": key, "reason": reason},
-                        tags={"status": "pruned", "fitrun_config": key, "fitrun_phase": "pruned", "fitrun.kind": "trial"})
+                        params=trial_params(c, alpha_for(alpha_rule, c.r)),
+                        tags={"status": "pruned", "fitrun_config": key, "fitrun_phase": "pruned", "fitrun.kind": "trial",
+                              "reason": "estimate" if predicted_gib is not None else "dominated"})
         logger = RunLogger(uri, run)
         logger.metrics({"feasible": 0.0, **({"predicted_peak_gib": predicted_gib} if predicted_gib is not None else {})})
-        logger.end(ok=True)
+        logger.end(ok=False, status="KILLED", reason=f"never run: {reason}")
     return on_pruned
 
 
@@ -206,7 +214,8 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
         parent_file.write_text(parent_id)
         target = "cuda" if job.resources.use_gpu else "cpu"
         inner.predicted = predict_all(job, space, columns, ks, target, num_layers) if space.prune_with_estimate else {}
-    searcher.on_pruned = _pruned_logger(uri, job.tracking.experiment_name, parent_id)
+    searcher.on_pruned = _pruned_logger(uri, job.tracking.experiment_name, parent_id, space.lora_alpha_rule,
+                                        space.limit_gib)
     parent = RunLogger(uri, parent_id)
     grid_size = len(columns) * len(ks)
     print(f"search: {len(columns)} columns x {len(ks)} k = {grid_size} configs; ceiling {space.gpu_memory_gib} GiB "

@@ -9,12 +9,13 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from runner.console import Console, format_step
-from runner.data import IGNORE, MicroBatches, TokenizedData, collate, tokenize
+from runner.data import IGNORE, MicroBatches, TokenizedData, collate, content_digest, tokenize
 from runner.memory import PeakMemory, cap_gpu_memory
 from runner.model import Trainable, build_tokenizer, build_trainable
 from runner.spec import JobSpec, job_from_dict
@@ -118,6 +119,8 @@ def setup(spec: JobSpec, probe: Probe | None, tracking_uri: str | None, run_id: 
     if logger:
         run.logged_through = logger.last_step("loss")
         logger.metrics({f"data_{k}": v for k, v in data.accounting.items()})
+        if probe is None:
+            logger.dataset(Path(spec.data.path).name, content_digest(spec.data), spec.data.path, data.accounting)
     console.say(f"worker pid {os.getpid()} (rank {rank}, {device})")
     return run
 

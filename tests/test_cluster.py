@@ -124,6 +124,15 @@ def wait_for_line(proc, prefix: str, min_step: int = 0, timeout_s: float = 300) 
     raise AssertionError("process ended first:\n" + "".join(seen[-80:]))
 
 
+def start_16_steps(root, tmp_path, address: str, env: dict):
+    """`fitrun train` of 16 logged steps, a checkpoint every 4, on the cluster; (its args, the process)."""
+    args = tiny(tmp_path, "--set", f"resources.address={address}", "--set", "training.max_steps=16",
+                "--set", "training.save_steps=4", "--set", "training.logging_steps=1", "--set", "training.eval_steps=null")
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "train", *args], cwd=root, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return args, proc
+
+
 def test_two_workers_on_two_nodes(root, tmp_path, cluster):
     address, _, env = cluster
     out = fitrun(root, "train", *tiny(tmp_path, "--set", f"resources.address={address}", "--set",
@@ -181,10 +190,7 @@ def test_stop_marks_the_run_killed(root, tmp_path, cluster):
 
 def test_killed_worker_restarts_from_checkpoint(root, tmp_path, cluster):
     address, _, env = cluster
-    args = tiny(tmp_path, "--set", f"resources.address={address}", "--set", "training.max_steps=16",
-                "--set", "training.save_steps=4", "--set", "training.logging_steps=1", "--set", "training.eval_steps=null")
-    proc = subprocess.Popen([sys.executable, "-m", "runner", "train", *args], cwd=root, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _, proc = start_16_steps(root, tmp_path, address, env)
     seen = wait_for_line(proc, "worker pid")
     pid = int(seen[-1].split()[2])
     seen += wait_for_line(proc, "step ", min_step=6)
@@ -200,10 +206,7 @@ def test_killed_worker_restarts_from_checkpoint(root, tmp_path, cluster):
 
 def test_killed_driver_then_rerun_resumes_and_refuses_a_changed_spec(root, tmp_path, cluster):
     address, _, env = cluster
-    args = tiny(tmp_path, "--set", f"resources.address={address}", "--set", "training.max_steps=16",
-                "--set", "training.save_steps=4", "--set", "training.logging_steps=1", "--set", "training.eval_steps=null")
-    proc = subprocess.Popen([sys.executable, "-m", "runner", "train", *args], cwd=root, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    args, proc = start_16_steps(root, tmp_path, address, env)
     wait_for_line(proc, "step ", min_step=9)
     proc.kill()  # SIGKILL: no handler runs, the MLflow run stays RUNNING
     proc.communicate(timeout=60)

@@ -119,3 +119,5 @@ def test_ten_steps_on_sharegpt_through_fitrun_train(root, tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("fitrun-tiny").experiment_id])
     assert run.data.metrics["data_rows_read"] == 40 and run.data.metrics["data_dropped_zero_trainable_tokens"] == 1
+    (dataset,) = client.get_run(run.info.run_id).inputs.dataset_inputs  # MLflow's Datasets tab
+    assert dataset.dataset.name == "sharegpt_odd.jsonl" and len(dataset.dataset.digest) == 32

@@ -173,9 +173,11 @@ def test_cpu_search_matches_brute_force(root, tmp_path):
     statuses = [r.data.tags.get("status") for r in children]
     assert statuses.count("infeasible") == counts["infeasible"] and "ok" in statuses and "pruned" in statuses
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
-    assert {"winner.yaml", "frontier.png", "frontier.md", "trials.md"} <= artifacts
+    assert {"winner.yaml", "frontier.png", "frontier.md", "trials.md", "trials.json"} <= artifacts
     assert all("predicted_peak_gib" in r.data.metrics for r in children if r.data.tags.get("status") != "pruned"
-               or r.data.params.get("reason") == "estimate")
+               or r.data.tags.get("reason") == "estimate")
+    assert len({frozenset(r.data.params) for r in children}) == 1  # one param set: the UI charts all children
+    assert {r.info.status for r in children if r.data.tags.get("status") == "pruned"} == {"KILLED"}  # never ran
 
     # --resume continues the same search: no new parent, no duplicate trial runs, same winner.
     again = subprocess.run(args + ["--resume"], cwd=root, capture_output=True, text=True, timeout=900, env=env)
@@ -221,7 +223,7 @@ def test_interrupted_search_resumes_without_duplicates(root, tmp_path):
     per_config = Counter(r.data.tags.get("fitrun_config") for r in runs if r.data.tags.get("fitrun.kind") == "trial")
     assert per_config and max(per_config.values()) == 1  # the interrupted trial's run was reused, not duplicated
     assert sum(r.data.tags.get("fitrun.kind") == "tune" for r in runs) == 1
-    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all(r.info.status == ("KILLED" if r.data.tags.get("status") == "pruned" else "FINISHED") for r in runs)
 
 
 def test_quantization_is_one_more_search_dimension(root, monkeypatch, tmp_path):
