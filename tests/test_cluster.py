@@ -1,7 +1,9 @@
 """fitrun on a real Ray cluster: `ray start --head` (token auth on, its own temp dir and ports) plus a
-second `ray start` node on this machine. Submit, stop, kill a worker, kill the driver, resume. The
-teardown stops only the processes of this cluster (found by its temp dir), never `ray stop`."""
+second `ray start` node on this machine. Submit, stop, kill a worker, kill the driver, resume. Each node
+runs under `ray start --block`, so the teardown stops it by PID (with its children and anything under
+its own --temp-dir), never by name and never with `ray stop`."""
 
+import glob
 import json
 import os
 import re
@@ -13,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 
 import psutil
 import pytest
@@ -31,35 +35,61 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _stop_cluster(temp_dirs: list[str], gcs_port: int) -> None:
-    """SIGTERM, then SIGKILL, the processes of this cluster only: those whose command line names one of
-    its temp dirs or its GCS port (`--address=...:PORT`), and their children."""
-    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+def _names_dir(arg: str, directory: str) -> bool:
+    """`arg` is `directory` or a path inside it, alone or as `--flag=...` (exact path components)."""
+    value = arg.split("=", 1)[-1]
+    return value == directory or value.startswith(directory + "/")
 
-    def ours(cmdline: list[str]) -> bool:
-        return any(t in part for part in cmdline for t in temp_dirs) or \
-            any(part.startswith("--address=") and part.endswith(f":{gcs_port}") for part in cmdline)
 
+def _stop_node(proc: subprocess.Popen, temp_dir: str) -> None:
+    """Stop one node this test started: the `ray start --block` process by its PID and every process
+    below it, plus any process of its own --temp-dir that Ray detached; nothing else on the machine."""
     mine = {}
+    try:
+        root = psutil.Process(proc.pid)
+        mine = {p.pid: p for p in [root, *root.children(recursive=True)]}
+    except psutil.NoSuchProcess:
+        pass
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if p.pid not in me and ours(p.info["cmdline"] or []):
-                for q in [p, *p.children(recursive=True)]:
-                    mine[q.pid] = q
+            if any(_names_dir(arg, temp_dir) for arg in p.info["cmdline"] or []):
+                mine.setdefault(p.pid, p)
         except psutil.Error:
             continue
-    procs = [p for pid, p in mine.items() if pid not in me]
-    for p in procs:
+    mine.pop(os.getpid(), None)
+    for p in mine.values():
         try:
             p.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
+    _, alive = psutil.wait_procs(list(mine.values()), timeout=15)
     for p in alive:
         try:
             p.kill()
         except psutil.Error:
             pass
+
+
+def _start_node(args: list[str], env: dict, log: str, ready) -> subprocess.Popen:
+    """`ray start ... --block`: the process stays, so the node's processes are its children (stopped by
+    PID); returns once `ready()` holds."""
+    proc = subprocess.Popen([*args, "--block"], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while not ready():
+        assert proc.poll() is None, f"{args[:3]} exited: " + open(log).read()[-3000:]
+        assert time.monotonic() < deadline, f"{args[:3]} not ready: " + open(log).read()[-3000:]
+        time.sleep(1)
+    return proc
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2)
+    except urllib.error.HTTPError:
+        return True  # up, even if it wants the token
+    except OSError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +99,7 @@ def cluster(tmp_path_factory):
     token = secrets.token_hex(16)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "FITRUN_PROGRESS": "0",
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    logs = tmp_path_factory.mktemp("ray-logs")
     # Short paths: Ray's unix sockets live under them. Each node its own, as on separate machines (nodes
     # sharing one temp dir also share, and garbage-collect, each other's runtime-env files).
     temp, temp2 = tempfile.mkdtemp(prefix="r", dir="/tmp"), tempfile.mkdtemp(prefix="r", dir="/tmp")
@@ -81,12 +112,16 @@ def cluster(tmp_path_factory):
     worker = [ray, "start", f"--address=127.0.0.1:{gcs}", f"--temp-dir={temp2}", f"--dashboard-agent-listen-port={rest[4]}",
               f"--metrics-export-port={rest[5]}", f"--runtime-env-agent-port={rest[6]}",
               f"--dashboard-agent-grpc-port={rest[7]}", *common]
+    url = f"http://127.0.0.1:{dashboard}"
+    nodes = []
     try:
-        subprocess.run(head, check=True, env=env, capture_output=True, timeout=180)
-        subprocess.run(worker, check=True, env=env, capture_output=True, timeout=180)
-        yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", env
+        nodes.append((_start_node(head, env, logs / "head.log", lambda: _answers(f"{url}/api/version")), temp))
+        raylet_socket = lambda: any(os.path.exists(p) for p in glob.glob(f"{temp2}/session_*/sockets/raylet"))  # noqa: E731
+        nodes.append((_start_node(worker, env, logs / "worker.log", raylet_socket), temp2))
+        yield f"127.0.0.1:{gcs}", url, env
     finally:
-        _stop_cluster([temp, temp2], gcs)
+        for proc, directory in reversed(nodes):
+            _stop_node(proc, directory)
         shutil.rmtree(temp, ignore_errors=True)
         shutil.rmtree(temp2, ignore_errors=True)
 

@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -39,8 +40,13 @@ def mlflow_server(tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
             time.sleep(1)
     yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    # Stop what this fixture started, by PID: the mlflow CLI and the server processes below it.
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        p.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    for p in alive:
+        p.kill()
 
 
 def test_planted_credentials_are_never_recorded(root, tmp_path, mlflow_server):
