@@ -226,8 +226,7 @@ def run_train(spec: JobSpec, resume: bool = True, allow_changes: bool = False) -
     check_cluster_storage(spec, uri)  # before any MLflow run exists
     logger = _open_run(spec, out, uri, resume_from, changes)
     predicted = _predicted_peak(spec)
-    if predicted is not None:
-        logger.metrics({"predicted_peak_gib": predicted})
+    logger.prediction(predicted, None)
     print(f"MLflow run {logger.run_id} ({redact(uri)}); output {out}", flush=True)
     if resume_from:
         print(f"resuming from {resume_from}", flush=True)
@@ -239,7 +238,8 @@ def run_train(spec: JobSpec, resume: bool = True, allow_changes: bool = False) -
         _shutdown_ray()
         raise
     except Exception as e:
-        logger.end(ok=False, reason=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}")
+        last_line = (str(e).strip().splitlines() or [""])[-1]
+        logger.end(ok=False, reason=f"{type(e).__name__}: {last_line[:300]}")
         raise
     return _finish(result, out, logger, predicted)
 
@@ -284,10 +284,7 @@ def _finish(result, out: Path, logger: RunLogger, predicted: float | None) -> di
     with result.checkpoint.as_directory() as final:
         shutil.copytree(Path(final) / "adapter", adapter)
     logger.artifacts(adapter, "adapter")
-    measured = summary["peak_gib"]  # the worker's: reserved on GPU, tensor bytes on CPU
-    if predicted is not None and measured:
-        # The estimate's error, visible next to the measurement in every run.
-        logger.metrics({"estimate_error_pct": (predicted - measured) / measured * 100})
+    logger.prediction(predicted, summary["peak_gib"])  # the worker's peak: reserved on GPU, tensor bytes on CPU
     logger.end(ok=True)
     (out / "DONE").write_text(json.dumps(summary))
     summary["adapter_dir"] = str(adapter)

@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from runner.data import conversation_fields, normalize_conversation, required_columns
-from runner.spec import JobSpec, SpecError
+from runner.spec import JobSpec, SpecError, looks_local
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -28,17 +28,11 @@ def preflight(spec: JobSpec, source: str = "job") -> None:
 # -- data --------------------------------------------------------------------------------------
 
 
-def looks_like_hub_id(value: str) -> bool:
-    """`org/name`: one slash, no file suffix, not an existing path, no leading ./ or /."""
-    return value.count("/") == 1 and not value.startswith((".", "/", "~")) and not Path(value).suffix \
-        and not Path(value).exists()
-
-
 def check_data(spec: JobSpec) -> list[str]:
     d = spec.data
     path = Path(d.path).expanduser()
     if not path.exists():
-        if looks_like_hub_id(d.path):
+        if not looks_local(d.path):
             return [] if _hub_ok() else [f"data.path: {d.path!r} is not a local path, and the Hugging Face hub is "
                                          "unreachable (HF_HUB_OFFLINE or no network): use a local file"]
         return [f"data.path: {d.path!r} does not exist (relative paths are read from {Path.cwd()})"]
@@ -186,7 +180,7 @@ def _check_source(field: str, value: str, marker: str, has_fallback: bool, weigh
         if weights and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
             return [f"{field}: {value!r} has no weights (*.safetensors); for a dry run set model.init: random"]
         return []
-    if not looks_like_hub_id(value):
+    if looks_local(value):
         return [f"{field}: local path {value!r} does not exist"]
     if has_fallback or _cached(value, marker) or _hub_ok():
         return []

@@ -58,32 +58,37 @@ def summarise(job, space, inner, winner, speed, speed_source, grid_size, started
     return summary
 
 
+TRIAL_COLUMNS = ("config", "status", "peak_gib", "tokens_per_s_packed", "tokens_per_s_exclusive", "loss")
+
+
+def decisions(inner, exclusive: dict[str, dict]) -> list[tuple]:
+    """Every config the search decided on, measured or pruned, one row of TRIAL_COLUMNS each
+    (None where a pruned config has no measurement)."""
+    rows = [(r["config"].key, r["status"], r.get("peak_gib"), r.get("measured_tokens_per_s", 0),
+             (exclusive.get(r["config"].key) or {}).get("tokens_per_s"), r.get("loss"))
+            for r in sorted(inner.results.values(), key=lambda r: r["config"])]
+    rows += [(key, f"pruned (predicted {gib:.3f} GiB)", None, None, None, None) for key, gib in sorted(inner.pruned.items())]
+    rows += [(f"{column.key}-*", "pruned (dominated by a smaller rank)", None, None, None, None)
+             for column in inner.dominated]
+    return rows
+
+
 def trial_table(inner, exclusive: dict[str, dict]) -> str:
-    """Every config the search decided on, measured or pruned, as a markdown table."""
+    """`decisions` as a markdown table."""
+    def cell(value, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
     lines = ["| config | status | peak GiB | tokens/s (packed) | tokens/s (exclusive) | loss |",
              "| --- | --- | --- | --- | --- | --- |"]
-    for r in sorted(inner.results.values(), key=lambda r: r["config"]):
-        ex = exclusive.get(r["config"].key)
-        peak = f"{r['peak_gib']:.3f}" if r.get("peak_gib") is not None else "-"
-        exclusive_speed = f"{ex['tokens_per_s']:,.0f}" if ex else "-"
-        loss = f"{r['loss']:.4f}" if r.get("loss") is not None else "-"
-        lines.append(f"| {r['config'].key} | {r['status']} | {peak} | {r.get('measured_tokens_per_s', 0):,.0f} | "
-                     f"{exclusive_speed} | {loss} |")
-    for key, gib in sorted(inner.pruned.items()):
-        lines.append(f"| {key} | pruned (predicted {gib:.3f} GiB) | - | - | - | - |")
-    for column in inner.dominated:
-        lines.append(f"| {column.key}-* | pruned (dominated by a smaller rank) | - | - | - | - |")
+    lines += [f"| {key} | {status} | {cell(peak, '.3f')} | {cell(packed, ',.0f')} | {cell(ex, ',.0f')} | "
+              f"{cell(loss, '.4f')} |" for key, status, peak, packed, ex, loss in decisions(inner, exclusive)]
     return "\n".join(lines)
 
 
 def trial_rows(inner, exclusive: dict[str, dict]) -> dict[str, list]:
-    """The trial table as columns, for `mlflow.log_table`."""
-    rows = [(r["config"].key, r["status"], r.get("peak_gib"), r.get("measured_tokens_per_s", 0.0),
-             (exclusive.get(r["config"].key) or {}).get("tokens_per_s"), r.get("loss"))
-            for r in sorted(inner.results.values(), key=lambda r: r["config"])]
-    rows += [(key, "pruned", None, None, None, None) for key in sorted(inner.pruned)]
-    names = ("config", "status", "peak_gib", "tokens_per_s_packed", "tokens_per_s_exclusive", "loss")
-    return {n: [row[i] for row in rows] for i, n in enumerate(names)}
+    """`decisions` as columns, for `mlflow.log_table` (the UI shows it as a table)."""
+    rows = decisions(inner, exclusive)
+    return {name: [row[i] for row in rows] for i, name in enumerate(TRIAL_COLUMNS)}
 
 
 def write_winner(job, c, alpha_rule: str, header: str, path: Path, parent: RunLogger) -> None:

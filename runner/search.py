@@ -14,6 +14,7 @@ lever itself in `runner.model.build_trainable`.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -97,11 +98,11 @@ def expand(job: JobSpec, space: SearchSpaceSpec, num_layers: int) -> tuple[list[
     check_space(job, space, num_layers)
     workers, global_batch = job.resources.num_workers, job.global_batch_size
     accums = space.gradient_accumulation_steps or [job.training.gradient_accumulation_steps]
-    ks = space_ks(space, num_layers)
+    ks = space.activation_checkpointing.values(num_layers)
     lever_values = [[(f.name, v) for v in (_get(space, f.metadata["space_field"])
                                            or [_get(job, f.metadata["job_field"])])] for f in LEVERS]
     columns = []
-    for levers in _product(lever_values):
+    for levers in itertools.product(*lever_values):
         for r in sorted(space.lora_r or [job.lora.r]):
             for a in sorted(accums, reverse=True):
                 for p in space.activation_checkpointing.placements:
@@ -109,22 +110,6 @@ def expand(job: JobSpec, space: SearchSpaceSpec, num_layers: int) -> tuple[list[
                     if c.valid():
                         columns.append(c)
     return columns, ks
-
-
-def _product(lists: list[list]) -> list[tuple]:
-    out = [()]
-    for values in lists:
-        out = [prefix + (v,) for prefix in out for v in values]
-    return out
-
-
-def space_ks(space: SearchSpaceSpec, num_layers: int) -> list[int]:
-    k = space.activation_checkpointing.k
-    if k is None:
-        return list(range(num_layers + 1))
-    if isinstance(k, dict):
-        return list(range(k["min"], k["max"] + 1))
-    return sorted(set(k))
 
 
 def classify(result: dict | None, limit_gib: float, error: bool = False) -> dict:

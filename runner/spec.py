@@ -283,6 +283,14 @@ class CheckpointDimension(_Strict):
     offloads: list[bool] | None = None
     """Offload checkpointed inputs to pinned host memory or not (default: the job's): less memory, some time."""
 
+    def values(self, num_layers: int) -> list[int]:
+        """The k values to search, sorted (a well-formed `k`; `check_space` says when it is not)."""
+        if self.k is None:
+            return list(range(num_layers + 1))
+        if isinstance(self.k, dict):
+            return list(range(self.k["min"], self.k["max"] + 1))
+        return sorted(set(self.k))
+
 
 class SearchSpaceSpec(_Strict):
     activation_checkpointing: CheckpointDimension = CheckpointDimension()
@@ -346,8 +354,7 @@ def check_space(job: JobSpec, space: SearchSpaceSpec, num_layers: int) -> None:
     if isinstance(k, dict) and set(k) != {"min", "max"}:
         problems.append(f"activation_checkpointing.k: a range is {{min: A, max: B}}, got {k}")
     else:
-        ks = list(range(num_layers + 1)) if k is None else \
-            list(range(k["min"], k["max"] + 1)) if isinstance(k, dict) else list(k)
+        ks = space.activation_checkpointing.values(num_layers)
         if not ks:
             problems.append(f"activation_checkpointing.k: empty, got {k}")
         elif min(ks) < 0 or max(ks) > num_layers:
@@ -455,13 +462,15 @@ def _check_paths(spec: JobSpec, source: str) -> None:
     problems = []
     for section, field in PATH_FIELDS:
         value = getattr(getattr(spec, section), field)
-        if value and _looks_local(value) and not Path(value).exists():
+        if value and looks_local(value) and not Path(value).exists():
             problems.append(f"{section}.{field}: local path {value!r} does not exist")
     if problems:
         raise SpecError(source, problems)
 
 
-def _looks_local(value: str) -> bool:
+def looks_local(value: str) -> bool:
+    """A local path rather than a hub id (`org/name`: one slash, no leading ./ or /, no data-file suffix;
+    dots are fine, as in meta-llama/Llama-3.1-8B)."""
     return value.startswith((".", "/", "~")) or Path(value).suffix in (".json", ".jsonl", ".parquet") \
         or Path(value).exists() or value.count("/") != 1
 

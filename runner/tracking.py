@@ -119,6 +119,14 @@ class RunLogger:
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 
+    def prediction(self, predicted_gib: float | None, measured_gib: float | None) -> None:
+        """The estimate beside the measurement: `predicted_peak_gib` and, once measured, its error."""
+        if predicted_gib is None:
+            return
+        self.metrics({"predicted_peak_gib": predicted_gib})
+        if measured_gib:
+            self.metrics({"estimate_error_pct": (predicted_gib - measured_gib) / measured_gib * 100})
+
     def tags(self, values: dict[str, Any]) -> None:
         for k, v in values.items():
             self.client.set_tag(self.run_id, k, str(v))

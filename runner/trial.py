@@ -63,11 +63,7 @@ def probe_trial(config: dict, job: dict, space: dict, uri: str, parent_run_id: s
         summary = {"oom": 1.0 if oom else 0.0, "status": None if oom else "error", "message": text[-500:],
                    "tokens_per_s": 0.0}
     outcome = classify(summary, sp.limit_gib)
-    predicted = config.get("predicted_peak_gib")
-    if predicted is not None:
-        logger.metrics({"predicted_peak_gib": predicted})
-        if outcome["peak_gib"]:
-            logger.metrics({"estimate_error_pct": (predicted - outcome["peak_gib"]) / outcome["peak_gib"] * 100})
+    logger.prediction(config.get("predicted_peak_gib"), outcome["peak_gib"])
     logger.metrics({"feasible": float(outcome["feasible"]), "tokens_per_s": outcome.get("measured_tokens_per_s", 0.0),
                     **({"peak_gib": outcome["peak_gib"]} if outcome["peak_gib"] is not None else {})})
     logger.tags({"status": outcome["status"]})

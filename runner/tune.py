@@ -40,8 +40,9 @@ def tune_searcher_class():
         def suggest(self, trial_id: str):
             before, before_columns = set(self.inner.pruned), set(self.inner.dominated)
             nxt = self.inner.next_config()
-            by_key = {c.at_k(k).key: c.at_k(k) for c in self.inner.columns for k in self.inner.ks}
-            new_pruned = [(by_key[key], self.inner.pruned[key]) for key in set(self.inner.pruned) - before] + \
+            new_keys = set(self.inner.pruned) - before
+            by_key = {c.at_k(k).key: c.at_k(k) for c in self.inner.columns for k in self.inner.ks} if new_keys else {}
+            new_pruned = [(by_key[key], self.inner.pruned[key]) for key in new_keys] + \
                 [(column, None) for column in set(self.inner.dominated) - before_columns]
             if new_pruned:
                 self.save(str(self.state_path))

@@ -118,9 +118,10 @@ def setup(spec: JobSpec, probe: Probe | None, tracking_uri: str | None, run_id: 
         console.say(f"resumed from {resume.path} at step {run.step}")
     if logger:
         run.logged_through = logger.last_step("loss")
-        logger.metrics({f"data_{k}": v for k, v in data.accounting.items()})
-        if probe is None:
-            logger.dataset(Path(spec.data.path).name, content_digest(spec.data), spec.data.path, data.accounting)
+        if run.step == 0 and run.logged_through == 0:  # a fresh run: a resumed one has these already
+            logger.metrics({f"data_{k}": v for k, v in data.accounting.items()})
+            if probe is None:  # reads the data files once more, for the digest
+                logger.dataset(Path(spec.data.path).name, content_digest(spec.data), spec.data.path, data.accounting)
     console.say(f"worker pid {os.getpid()} (rank {rank}, {device})")
     return run
 
@@ -144,7 +145,7 @@ def _device(spec: JobSpec, probe: Probe | None) -> torch.device:
 def loop(run: Run) -> tuple[dict[str, float], dict[str, float], str | None]:
     """Train to max_steps: step, measure, evaluate, log, checkpoint. Returns (totals over the measured
     steps, the last step's metrics, a probe's OOM message or None)."""
-    spec, probe, t = run.spec, run.probe, run.spec.training
+    probe, t = run.probe, run.spec.training
     cpu_limit = probe.ceiling_gib if probe and run.device.type != "cuda" else None
     memory = PeakMemory(run.device, baseline=list(run.trainable.model.parameters()), limit_gib=cpu_limit)
     measure_from = probe.warmup_steps if probe else min(t.measure_warmup_steps, max(0, run.max_steps - 1))
@@ -194,9 +195,11 @@ def _log(run: Run, metrics: dict[str, float]) -> None:
 def _check_run_open(run: Run) -> None:
     """A worker that outlives its driver (stopped, killed) must neither log nor checkpoint: once the
     MLflow run is closed, stop."""
-    if run.logger is not None and not run.probe and run.logger.status() != "RUNNING":
-        raise RuntimeError(f"MLflow run {run.logger.run_id} is {run.logger.status()}: its driver is gone; "
-                           "this worker stops")
+    if run.logger is None or run.probe:
+        return
+    status = run.logger.status()
+    if status != "RUNNING":
+        raise RuntimeError(f"MLflow run {run.logger.run_id} is {status}: its driver is gone; this worker stops")
 
 
 def _accumulate(totals: dict[str, float], metrics: dict[str, float], measured: bool) -> None:

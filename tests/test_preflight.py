@@ -140,3 +140,17 @@ def _train_one_step(sets: list[str]) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     m = train_step(built.net, built.model, batches, opt, sched, t, torch.device("cpu"), 1)
     assert m["loss"] == m["loss"] and m["loss"] > 0  # a finite, positive loss
+
+
+def test_dotted_hub_ids_are_hub_ids(root, monkeypatch, capsys):
+    """`meta-llama/Llama-3.1-8B` has a dot, not a file suffix: a hub id, not a missing local path."""
+    from runner.cli import main
+    from runner.model import hub_reachable
+
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_reachable.cache_clear()
+    assert main(["validate", "jobs/llama3-8b-lora.yaml", "--set", "model.name_or_path=meta-llama/Llama-3.1-8B",
+                 "--set", "model.init=random"]) == 0, capsys.readouterr().err
+    assert main(["validate", "jobs/llama3-8b-lora.yaml", "--set", "model.name_or_path=meta-llama/Llama-3.1-8B"]) == 2
+    assert "not in the local Hugging Face cache" in capsys.readouterr().err
