@@ -235,20 +235,23 @@ def collate(rows: list[dict], pad_id: int, pad_to: int | None = None) -> dict[st
 
 
 class MicroBatches:
-    """Endless, deterministic micro-batches for one worker: epoch e is a seeded shuffle of its shard.
+    """Endless, deterministic micro-batches for one worker. Epoch e is one seeded shuffle of all rows,
+    the same on every worker; worker r's i-th micro-batch is the (i·N + r)-th slice of it, so the N
+    workers' micro-batches of one optimizer step hold exactly the rows that one worker with N times
+    the accumulation would see (the same global batch at any world size).
 
-    `position` counts micro-batches handed out, so a checkpoint stores it and a resumed run skips
-    exactly that many.
+    `position` counts micro-batches handed out to this worker, so a checkpoint stores it and a
+    resumed run skips exactly that many.
     """
 
     def __init__(self, rows: list[dict], micro_batch_size: int, pad_id: int, seed: int,
                  rank: int = 0, world_size: int = 1, pad_to: int | None = None):
-        self.rows = rows[rank::world_size]
-        if len(self.rows) < micro_batch_size:
-            raise ValueError(f"only {len(self.rows)} training sequences per worker, fewer than "
-                             f"training.micro_batch_size={micro_batch_size}")
+        self.rows, self.rank, self.world_size = rows, rank, world_size
+        if len(rows) < micro_batch_size * world_size:
+            raise ValueError(f"only {len(rows)} training sequences, fewer than training.micro_batch_size="
+                             f"{micro_batch_size} x {world_size} workers")
         self.micro_batch_size, self.pad_id, self.seed, self.pad_to = micro_batch_size, pad_id, seed, pad_to
-        self.per_epoch = len(self.rows) // micro_batch_size
+        self.per_epoch = len(rows) // (micro_batch_size * world_size)
         self.position = 0
 
     def _order(self, epoch: int) -> list[int]:
@@ -263,6 +266,7 @@ class MicroBatches:
     def next(self) -> dict[str, torch.Tensor]:
         epoch, idx = divmod(self.position, self.per_epoch)
         order = self._order(epoch)
-        chosen = order[idx * self.micro_batch_size:(idx + 1) * self.micro_batch_size]
+        start = (idx * self.world_size + self.rank) * self.micro_batch_size
+        chosen = order[start:start + self.micro_batch_size]
         self.position += 1
         return collate([self.rows[i] for i in chosen], self.pad_id, self.pad_to)

@@ -42,6 +42,7 @@ class Config:
     offload: bool = lever("activation_checkpointing.offload", "activation_checkpointing.offloads", False,
                           {True: "-offload"})
     quantization: str = lever("model.quantization", "quantizations", "none", {"nf4": "-nf4", "int8": "-int8"})
+    parallelism: str = lever("resources.parallelism", "parallelisms", "ddp", {"fsdp": "-fsdp"})
 
     @property
     def key(self) -> str:
@@ -59,7 +60,8 @@ class Config:
         return replace(self, k=k)
 
     def valid(self) -> bool:
-        return not (self.offload and self.policy == "selective")  # offload works with full recompute only
+        return not (self.offload and self.policy == "selective"  # offload works with full recompute only
+                    or self.parallelism == "fsdp" and self.quantization != "none")  # see resources.parallelism
 
 
 LEVERS = [f for f in fields(Config) if "job_field" in f.metadata]

@@ -195,6 +195,11 @@ class ResourcesSpec(_Strict):
     """Fraction of a GPU per worker (several probes may share one card)."""
     gpu_memory_gib: float | None = Field(None, gt=0)
     """Per-process cap (torch.cuda.set_per_process_memory_fraction), emulating a smaller card."""
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    """How several workers share the job: `ddp` keeps a whole model on each worker and all-reduces the
+    LoRA gradients once per optimizer step; `fsdp` (FSDP2, one `fully_shard` unit per decoder layer)
+    shards the frozen base and the adapters, so each GPU holds 1/N of the weights plus the layer
+    being computed. Ignored with one worker."""
 
 
 class TrackingSpec(_Strict):
@@ -233,6 +238,9 @@ class JobSpec(_Strict):
         if self.model.quantization != "none" and not self.resources.use_gpu:
             problems.append(f"model.quantization: {self.model.quantization} runs bitsandbytes kernels: it needs "
                             "resources.use_gpu: true")
+        if self.resources.parallelism == "fsdp" and self.model.quantization != "none":
+            problems.append("resources.parallelism: fsdp with model.quantization: bitsandbytes' packed weights do not "
+                            "survive FSDP2's sharding here; use parallelism: ddp for a quantized base")
         if self.resources.gpu_memory_gib is not None and not self.resources.use_gpu:
             problems.append("resources.gpu_memory_gib needs resources.use_gpu: true")
         liger = [f for f, on in (("training.kernels: liger", self.training.kernels == "liger"),
@@ -300,6 +308,8 @@ class SearchSpaceSpec(_Strict):
     """LoRA adapter dtypes to try (default: the job's); `mixed` and `model` save memory (see lora.adapter_dtype)."""
     quantizations: list[Literal["none", "nf4", "int8"]] | None = None
     """Base-weight quantizations to try (default: the job's; see model.quantization)."""
+    parallelisms: list[Literal["ddp", "fsdp"]] | None = None
+    """With several workers: data-parallel strategies to try (default: the job's; see resources.parallelism)."""
     lora_alpha_rule: str = "2*r"
     """lora_alpha as a function of r: `2*r`, `r`, `16` (a constant), ..."""
     gradient_accumulation_steps: list[int] | None = None
@@ -365,6 +375,8 @@ def check_space(job: JobSpec, space: SearchSpaceSpec, num_layers: int) -> None:
     quantized = [q for q in (space.quantizations or []) if q != "none"]
     if quantized and not job.resources.use_gpu:
         problems.append(f"quantizations: {quantized} need resources.use_gpu: true in the job")
+    if "fsdp" in (space.parallelisms or []) and job.resources.num_workers < 2:
+        problems.append("parallelisms: fsdp shards across workers: it needs resources.num_workers >= 2 in the job")
     try:
         alpha_for(space.lora_alpha_rule, 8)
     except SpecError as e:

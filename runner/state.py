@@ -13,27 +13,41 @@ from pathlib import Path
 
 import torch
 
+from runner.parallel import load_optimizer_state, load_trainable_state, optimizer_state, trainable_state
+
 STATE_FILE = "state.json"
 
 
-def save_state(directory: Path, model, optimizer, scheduler, data_position: int, step: int) -> None:
-    model.save_pretrained(directory / "adapter")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state()}, directory / "trainer_state.pt")
-    (directory / STATE_FILE).write_text(json.dumps({"step": step, "data_position": data_position}))
+def gather_state(state: dict) -> dict:
+    """What a checkpoint holds, in full: the trainable parameters and the optimizer state (collective
+    under FSDP: every rank calls it), the scheduler and the data position."""
+    model, optimizer = state["model"], state["optimizer"]
+    return {"model": model, "trainable": trainable_state(model), "optimizer": optimizer_state(model, optimizer),
+            "scheduler": state["scheduler"].state_dict(), "data_position": state["data_position"]}
+
+
+def save_state(directory: Path, gathered: dict, step: int) -> None:
+    """The adapter in PEFT format, and everything a resume needs (any world size or parallelism)."""
+    gathered["model"].save_pretrained(directory / "adapter", state_dict=gathered["trainable"])
+    torch.save({"trainable": gathered["trainable"], "optimizer": gathered["optimizer"],
+                "scheduler": gathered["scheduler"], "rng": torch.get_rng_state()}, directory / "trainer_state.pt")
+    (directory / STATE_FILE).write_text(json.dumps({"step": step, "data_position": gathered["data_position"]}))
 
 
 def load_state(directory, model, optimizer, scheduler, device) -> dict:
     """Restores model, optimizer, scheduler and RNG; returns {"step", "data_position"}."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     state = json.loads((directory / STATE_FILE).read_text())
-    adapter = load_file(str(directory / "adapter" / "adapter_model.safetensors"), device=str(device))
-    set_peft_model_state_dict(model, adapter)
-    blob = torch.load(directory / "trainer_state.pt", map_location=device, weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
+    blob = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=False)
+    if "trainable" in blob:
+        load_trainable_state(model, blob["trainable"])
+    else:  # a checkpoint from before full-state saving: the PEFT adapter only
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(str(directory / "adapter" / "adapter_model.safetensors"),
+                                                   device=str(device)))
+    load_optimizer_state(model, optimizer, blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["rng"].cpu())
     return state
@@ -53,11 +67,12 @@ def report(metrics: dict, rank: int, step: int, final: bool = False, state: dict
     import ray.train
 
     metrics = {**numeric(metrics), "step": step, "final": float(final)}
+    gathered = gather_state(state) if state is not None else None  # every rank: a collective under FSDP
     if rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        if state is not None:
-            save_state(Path(tmp), state["model"], state["optimizer"], state["scheduler"], state["data_position"], step)
+        if gathered is not None:
+            save_state(Path(tmp), gathered, step)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_{step:06d}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 
-from runner.search import Config, classify, set_config
+from runner.search import LEVERS, Config, classify, set_config
 from runner.spec import JobSpec, SearchSpaceSpec, job_from_dict
 from runner.tracking import RunLogger, find_run, start_run
 from runner.worker import Probe
@@ -30,9 +30,8 @@ def probe_spec(job: dict, c: Config, space: SearchSpaceSpec) -> tuple[JobSpec, P
 def trial_params(c: Config, lora_alpha: float) -> dict:
     """The one param set of every child run, measured or pruned, so the UI charts them together."""
     k = "-" if c.k is None else c.k  # a dominated column: no k was ever chosen
-    return {"r": c.r, "lora_alpha": lora_alpha, "k": k, "placement": c.placement, "policy": c.policy,
-            "adapter_dtype": c.adapter_dtype, "offload": c.offload, "quantization": c.quantization,
-            "micro_batch_size": c.micro_batch_size, "gradient_accumulation_steps": c.gradient_accumulation_steps,
+    return {"r": c.r, "lora_alpha": lora_alpha, "k": k, "placement": c.placement,
+            **{f.name: getattr(c, f.name) for f in LEVERS}, "micro_batch_size": c.micro_batch_size, "gradient_accumulation_steps": c.gradient_accumulation_steps,
             "checkpointed_layers": k}
 
 

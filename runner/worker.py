@@ -7,7 +7,6 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from runner.console import Console, format_step
 from runner.data import IGNORE, MicroBatches, TokenizedData, collate, content_digest, tokenize
 from runner.memory import PeakMemory, cap_gpu_memory
 from runner.model import Trainable, build_tokenizer, build_trainable
+from runner.parallel import distribute, gradient_sync, local_value
 from runner.spec import JobSpec, job_from_dict
 from runner.state import load_state, numeric, report
 from runner.tracking import RunLogger
@@ -99,9 +99,10 @@ def setup(spec: JobSpec, probe: Probe | None, tracking_uri: str | None, run_id: 
     first = {k: v.to(device) for k, v in collate([batches.rows[0]], batches.pad_id).items()}
     trainable = build_trainable(spec, device, vocab_size=len(tok), check_batch=first)
     console.say(f"activation checkpointing: {len(trainable.layers)}/{trainable.num_layers} layers {trainable.layers}")
-    net = trainable.net
+    net = distribute(trainable.net, trainable.model, spec.resources.parallelism, device) if world_size > 1 \
+        else trainable.net
     if world_size > 1:
-        net = ray.train.torch.prepare_model(net, move_to_device=False)
+        console.say(f"parallelism: {spec.resources.parallelism} over {world_size} workers")
 
     params = [p for p in trainable.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=device.type == "cuda")
@@ -264,19 +265,20 @@ def train_step(net, model, batches, optimizer, scheduler, t, device, world_size)
         denom = max(1, num_label_tokens)
     _sync(device)
     start = time.perf_counter()
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), device=device)
     for i, batch in enumerate(micro):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        last = i == len(micro) - 1
-        no_sync = net.no_sync() if world_size > 1 and not last else nullcontext()
-        with no_sync:
+        with gradient_sync(net, sync=i == len(micro) - 1):
             loss = net(**batch) / denom
             loss.backward()
         loss_sum += loss.detach()
+    if world_size > 1:  # the step's loss over the global batch: each rank holds its share times N
+        torch.distributed.all_reduce(loss_sum)
+        loss_sum = loss_sum / world_size
     _sync(device)
     backward_done = time.perf_counter()
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        [p for p in model.parameters() if p.requires_grad], t.max_grad_norm or float("inf"))
+    grad_norm = local_value(torch.nn.utils.clip_grad_norm_(
+        [p for p in model.parameters() if p.requires_grad], t.max_grad_norm or float("inf")))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

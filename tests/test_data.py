@@ -67,8 +67,22 @@ def test_micro_batches_resume_at_position(root, tokenizer):
     b = MicroBatches(data.train, 4, tokenizer.pad_token_id, seed=3)
     b.position = 57
     assert all(torch.equal(b.next()["input_ids"], s) for s in seq[57:])
-    shards = [MicroBatches(data.train, 4, tokenizer.pad_token_id, 3, rank=r, world_size=2) for r in (0, 1)]
-    assert {id(r) for r in shards[0].rows}.isdisjoint(id(r) for r in shards[1].rows)
+
+
+
+def test_workers_split_the_one_worker_global_batch(root, tokenizer):
+    """2 workers x accum 2 see, step by step, exactly the rows of 1 worker x accum 4."""
+    data = tokenize(DataSpec(path=str(root / "data/instructions.alpaca.jsonl"), sequence_len=64), tokenizer)
+
+    def rows(batches, n):
+        return sorted(tuple(r.tolist()) for _ in range(n) for r in batches.next()["input_ids"])
+
+    one = MicroBatches(data.train, 2, tokenizer.pad_token_id, seed=3)
+    shards = [MicroBatches(data.train, 2, tokenizer.pad_token_id, 3, rank=r, world_size=2) for r in (0, 1)]
+    assert shards[0].per_epoch == one.per_epoch // 2
+    for _ in range(2 * shards[0].per_epoch // 2):  # two epochs of optimizer steps
+        step_rows = rows(shards[0], 2) + rows(shards[1], 2)
+        assert sorted(step_rows) == rows(one, 4)
 
 
 SHAREGPT = "tests/data/sharegpt_odd.jsonl"  # written by us: every odd case of real ShareGPT exports
