@@ -39,6 +39,9 @@ FUSED_SAVED_RATIO = {"compile": 0.75, "liger": 0.73}
 # nf4 packs two weights a byte, plus an 8-bit absmax per 64 weights and, double-quantized, an fp32
 # scale per 256 absmax values; int8 is one byte plus an fp32 scale per row (not counted: < 0.1%).
 # Analytic, not yet measured on a GPU.
+# FSDP2: whole decoder layers in memory at once besides the shards (the one running, its all-gather
+# output before the copy-out, the prefetched next one). Not yet measured on a GPU.
+FSDP_GATHERED_LAYERS = 3
 QUANTIZED_BYTES_PER_WEIGHT = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
 
 
@@ -128,8 +131,28 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
         peak += dequantized
     lora = sum(p.numel() * p.element_size() for p in trainable)
     optimizer_state = 2 * lora  # AdamW exp_avg + exp_avg_sq, in the parameters' dtype
-    ddp_buckets = lora if spec.resources.num_workers > 1 else 0
-    saved = after_forward - weights - lora
+    workers = spec.resources.num_workers
+    ddp_buckets = lora if workers > 1 and spec.resources.parallelism == "ddp" else 0
+    gathered = 0
+    if workers > 1 and spec.resources.parallelism == "fsdp":
+        # FSDP2 (runner.parallel): the embedding and each decoder layer hold 1/N of their frozen
+        # weights and adapters; the root (norm, lm_head) stays whole. A layer is gathered just before
+        # it runs: its all-gather buffer, its unsharded copy and the next layer's prefetch, up to
+        # FSDP_GATHERED_LAYERS layers at once. Gradients accumulate unsharded (no reduce-scatter
+        # until the step's last micro-batch); AdamW state is sharded.
+        base = model.get_base_model()
+        units = [base.model.embed_tokens, *decoder_layers(model)]
+        frozen = sum(p.numel() * p.element_size() for u in units for p in u.parameters() if not p.requires_grad)
+        layer = max(sum(p.numel() * p.element_size() for p in u.parameters()) for u in units[1:])
+        gathered = FSDP_GATHERED_LAYERS * layer
+        moved = frozen * (1 - 1 / workers) + lora * (1 - 1 / workers) - gathered
+        weights -= frozen * (1 - 1 / workers)
+        lora_resident = lora / workers
+        peak, after_forward, forward_peak = peak - moved, after_forward - moved, forward_peak - moved
+        optimizer_state = 2 * lora_resident
+    else:
+        lora_resident = lora
+    saved = after_forward - weights - lora_resident - gathered
     # What a checkpointed layer keeps: its input.
     checkpointed_inputs = len(layers) * b * s * model.get_base_model().config.hidden_size * dtype.itemsize
     fused = "compile" if spec.training.compile else ("liger" if spec.training.kernels == "liger" else None)
@@ -143,7 +166,8 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
     overhead = allocated * RESERVED_OVERHEAD if target == "cuda" else 0.0
     components = {
         "weights": weights,
-        "lora_params": lora,
+        "fsdp_gathered_layers": gathered,
+        "lora_params": lora_resident,
         "grads": lora,
         "optimizer_state": optimizer_state,
         "saved_activations": saved - offloaded,

@@ -15,6 +15,7 @@ another world size or strategy and the adapter is plain PEFT.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -41,7 +42,8 @@ def distribute(net: torch.nn.Module, model: torch.nn.Module, parallelism: str, d
     import torch._dynamo as dynamo
     from torch.nn.parallel import DistributedDataParallel
 
-    dynamo.config.optimize_ddp = False
+    # FITRUN_DDP_GRAPH_SPLIT=1 keeps dynamo's default, for the A/B arm of bench/multigpu.py.
+    dynamo.config.optimize_ddp = os.environ.get("FITRUN_DDP_GRAPH_SPLIT") == "1"
     ids = [device.index] if device.type == "cuda" else None
     wrapped = DistributedDataParallel(net, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False)
     if device.type == "cuda":

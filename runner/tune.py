@@ -114,8 +114,12 @@ def concurrency(job: JobSpec, space: SearchSpaceSpec, trial_cpus: float) -> tupl
     by_cpu = max(1, int(cpus // (trial_cpus + res.cpus_per_worker * res.num_workers)))
     if not res.use_gpu:
         return min(by_cpu, space.max_concurrent_trials or by_cpu), 0.0
-    per_card = max(1, int(_card_gib() // (space.gpu_memory_gib + space.safety_margin_gib)))
     gpus = ray.cluster_resources().get("GPU", 1)
+    if res.num_workers > 1:
+        # NCCL refuses two ranks of one process group on one GPU, and Ray places fractional workers
+        # on any card with room: a multi-worker trial takes whole GPUs (its cap still sets the ceiling).
+        return max(1, min(by_cpu, int(gpus) // res.num_workers, space.max_concurrent_trials or 10**6)), 1.0
+    per_card = max(1, int(_card_gib() // (space.gpu_memory_gib + space.safety_margin_gib)))
     n = min(by_cpu, int(per_card * gpus) // res.num_workers, space.max_concurrent_trials or 10**6)
     return max(1, n), 1.0 / per_card
 
