@@ -40,8 +40,12 @@ FUSED_SAVED_RATIO = {"compile": 0.75, "liger": 0.73}
 # scale per 256 absmax values; int8 is one byte plus an fp32 scale per row (not counted: < 0.1%).
 # Analytic, not yet measured on a GPU.
 # FSDP2: whole decoder layers in memory at once besides the shards (the one running, its all-gather
-# output before the copy-out, the prefetched next one). Not yet measured on a GPU.
+# output before the copy-out, the prefetched next one); and the blocks the caching allocator keeps
+# for the all-gather stream, which the compute stream cannot reuse, in decoder layers' worth of
+# bytes on top of RESERVED_OVERHEAD: 5.1 fitted to the two 2-GPU FSDP runs of the 24 GiB job (k=11:
+# 16.44 allocated / 19.82 reserved; k=0: 19.20 / 21.73; bench/results/multigpu-2026-11-30.md).
 FSDP_GATHERED_LAYERS = 3
+FSDP_STREAM_POOL_LAYERS = 5.1
 QUANTIZED_BYTES_PER_WEIGHT = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
 
 
@@ -133,7 +137,7 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
     optimizer_state = 2 * lora  # AdamW exp_avg + exp_avg_sq, in the parameters' dtype
     workers = spec.resources.num_workers
     ddp_buckets = lora if workers > 1 and spec.resources.parallelism == "ddp" else 0
-    gathered = 0
+    gathered = stream_pool = 0
     if workers > 1 and spec.resources.parallelism == "fsdp":
         # FSDP2 (runner.parallel): the embedding and each decoder layer hold 1/N of their frozen
         # weights and adapters; the root (norm, lm_head) stays whole. A layer is gathered just before
@@ -145,6 +149,7 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
         frozen = sum(p.numel() * p.element_size() for u in units for p in u.parameters() if not p.requires_grad)
         layer = max(sum(p.numel() * p.element_size() for p in u.parameters()) for u in units[1:])
         gathered = FSDP_GATHERED_LAYERS * layer
+        stream_pool = FSDP_STREAM_POOL_LAYERS * layer if target == "cuda" else 0
         moved = frozen * (1 - 1 / workers) + lora * (1 - 1 / workers) - gathered
         weights -= frozen * (1 - 1 / workers)
         lora_resident = lora / workers
@@ -163,7 +168,7 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
     offloaded = checkpointed_inputs if spec.activation_checkpointing.offload and target == "cuda" else 0
     cuda_extra = CUDA_EXTRA_GIB * GIB if target == "cuda" else 0.0
     allocated = peak + optimizer_state + ddp_buckets - offloaded + cuda_extra
-    overhead = allocated * RESERVED_OVERHEAD if target == "cuda" else 0.0
+    overhead = allocated * RESERVED_OVERHEAD + stream_pool if target == "cuda" else 0.0
     components = {
         "weights": weights,
         "fsdp_gathered_layers": gathered,
