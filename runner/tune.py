@@ -251,8 +251,10 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
 def _rank_finalists(inner, job, space, uri, parent_id, storage, n_concurrent, extra_exclusive):
     """The columns' best configs ranked by uncontended speed: re-measured one at a time when probes
     shared the card. Returns (winner or None, speed function, its label, exclusive results)."""
-    finalists = sorted(inner.best_per_column(), key=lambda res: -res["tokens_per_s"])[:space.exclusive_finalists]
-    exclusive_configs = [res["config"] for res in finalists] if n_concurrent > 1 else []
+    best = sorted(inner.best_per_column(), key=lambda res: -res["tokens_per_s"])
+    remeasured = best[:space.exclusive_finalists] if n_concurrent > 1 else []
+    finalists = remeasured or best  # one trial at a time (or no re-measurement asked): the probes' own speed
+    exclusive_configs = [res["config"] for res in remeasured]
     exclusive_configs += [c for c in extra_exclusive if c not in exclusive_configs]
     exclusive = _run_exclusive(exclusive_configs, job, space, uri, parent_id, storage) if exclusive_configs else {}
     speed_source = "exclusive" if exclusive and n_concurrent > 1 else \

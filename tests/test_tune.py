@@ -251,3 +251,40 @@ def test_searcher_state_round_trips_through_json():
     again.load_state_dict(json.loads(json.dumps(searcher.state_dict())))
     assert again.results.keys() == searcher.results.keys() and again.dominated == searcher.dominated
     assert again.best_per_column() == searcher.best_per_column() and again.next_config() == "done"
+
+
+def test_parallelism_is_a_search_dimension_at_the_jobs_world_size(root, monkeypatch, tmp_path):
+    monkeypatch.chdir(root)
+    job = load_job("jobs/llama3-8b-lora-24gb.yaml", ["resources.num_workers=2", "training.gradient_accumulation_steps=8"])
+    space = tmp_path / "space.yaml"
+    space.write_text("gpu_memory_gib: 24\nparallelisms: [ddp, fsdp]\nquantizations: [none, nf4]\n"
+                     "activation_checkpointing: {k: [0, 11]}\n")
+    columns, _ = expand(job, load_search_space(space), num_layers=32)
+    # fsdp x nf4 is not a valid pair (bitsandbytes' packed weights and FSDP2 sharding): 3 columns
+    assert sorted(c.at_k(0).key for c in columns) == [
+        "r8-mb1-acc8-first-mixedadapters-fsdp-k0", "r8-mb1-acc8-first-mixedadapters-k0",
+        "r8-mb1-acc8-first-mixedadapters-nf4-k0"]
+    fsdp = next(c for c in columns if c.parallelism == "fsdp")
+    tuned = apply_config(job, fsdp.at_k(0), "2*r")
+    assert tuned.resources.parallelism == "fsdp" and tuned.resources.num_workers == 2 and tuned.global_batch_size == 16
+    with pytest.raises(SpecError, match="parallelisms: fsdp"):
+        expand(load_job("jobs/llama3-8b-lora-24gb.yaml"), load_search_space(space), num_layers=32)
+
+
+@pytest.mark.parametrize("n_concurrent,exclusive_finalists", [(1, 0), (1, 2), (2, 0)])
+def test_winner_without_re_measurement_is_the_fastest_fit(root, monkeypatch, n_concurrent, exclusive_finalists):
+    """One trial at a time (a 2-worker search on 2 GPUs), or no re-measurement asked: the probes rank."""
+    from runner.tune import _rank_finalists
+
+    monkeypatch.chdir(root)
+    job = load_job("jobs/llama3-8b-lora-24gb.yaml")
+    columns = [Config(8, 1, 16, "first", None, parallelism=p) for p in ("ddp", "fsdp")]
+    searcher = FitSearcher(columns, [0, 11, 16], CEILING - 0.5)
+    for c, peak, speed in ((columns[0].at_k(11), 23.4, 23000.0), (columns[0].at_k(16), 22.1, 20700.0),
+                           (columns[1].at_k(0), 21.7, 12500.0)):
+        searcher.record(c, classify({"peak_gib": peak, "tokens_per_s": speed, "oom": 0}, searcher.limit_gib))
+    space = load_search_space(os.path.join(root, "search_spaces/fit-24gb-2gpu.yaml"),
+                              [f"exclusive_finalists={exclusive_finalists}"])
+    winner, speed, source, exclusive = _rank_finalists(searcher, job, space, "", "", None, n_concurrent, [])
+    assert winner["config"] == columns[0].at_k(11) and speed(winner) == 23000.0 and exclusive == {}
+    assert source.startswith("packed")
