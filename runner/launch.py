@@ -206,6 +206,7 @@ def run_train(spec: JobSpec, resume: bool = True, allow_changes: bool = False) -
     MLflow run; a changed spec is refused (`allow_changes` accepts it and records the changes).
     SIGTERM/SIGINT mark the run KILLED and raise `Stopped`; any other failure marks it FAILED.
     """
+    written = without_credentials(spec)  # the params a user sees: paths as given, not absolute
     spec = without_credentials(absolute_paths(spec))
     check_available(spec.training)
     out = Path(spec.output_dir)
@@ -224,7 +225,7 @@ def run_train(spec: JobSpec, resume: bool = True, allow_changes: bool = False) -
     uri = tracking_uri(spec.tracking)
     init_ray(spec.resources.address)
     check_cluster_storage(spec, uri)  # before any MLflow run exists
-    logger = _open_run(spec, out, uri, resume_from, changes)
+    logger = _open_run(spec, out, uri, resume_from, changes, written)
     predicted = _predicted_peak(spec)
     logger.prediction(predicted, None)
     print(f"MLflow run {logger.run_id} ({redact(uri)}); output {out}", flush=True)
@@ -252,7 +253,8 @@ class ResumeRefused(Exception):
                          "Re-run with --allow-changes to resume anyway (recorded in MLflow), or --no-resume to start over.")
 
 
-def _open_run(spec: JobSpec, out: Path, uri: str, resume_from: Path | None, changes: list[str]) -> RunLogger:
+def _open_run(spec: JobSpec, out: Path, uri: str, resume_from: Path | None, changes: list[str],
+              written: JobSpec) -> RunLogger:
     """The job's one MLflow run: the existing one when resuming (a run its dead driver left RUNNING is
     marked as recovered), else a new one; a run with nothing to resume from is closed as KILLED."""
     run_id_file = out / "mlflow_run_id"
@@ -270,7 +272,7 @@ def _open_run(spec: JobSpec, out: Path, uri: str, resume_from: Path | None, chan
     if old is not None and old.status() == "RUNNING":
         old.end(ok=False, status="KILLED", reason="stopped before its first checkpoint; a new run started over")
     run_id = start_run(uri, spec.tracking.experiment_name, spec.tracking.run_name or spec.name,
-                       params=spec.to_dict(), tags={"fitrun.kind": "train"})
+                       params=written.to_dict(), tags={"fitrun.kind": "train"})
     run_id_file.write_text(run_id)
     logger = RunLogger(uri, run_id)
     logger.text(dump_yaml(spec), "job.yaml")

@@ -7,6 +7,7 @@ problem at once (dotted path + what to do) as one `SpecError`, before Ray or a G
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -459,9 +460,13 @@ def job_from_dict(raw: dict, source: str = "job") -> JobSpec:
 
 
 def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
-    raw = deep_merge(_read_yaml(path), parse_overrides(overrides))
+    """A job file, with `--set` overrides. Relative local paths written in the file are relative to
+    the file's folder; paths given with `--set` are relative to the current directory."""
+    written = _read_yaml(path)
+    hints = resolve_paths(written, Path(path).parent)
+    raw = deep_merge(written, parse_overrides(overrides))
     spec = job_from_dict(raw, str(path))
-    _check_paths(spec, str(path))
+    _check_paths(spec, str(path), hints)
     return spec
 
 
@@ -469,13 +474,38 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
 PATH_FIELDS = (("data", "path"), ("model", "name_or_path"), ("tokenizer", "name_or_path"))
 
 
-def _check_paths(spec: JobSpec, source: str) -> None:
+def resolve_paths(raw: dict, folder: Path) -> dict[str, str]:
+    """Rewrite the relative local paths of a job dict (in place) to where they are from the current
+    directory, reading them as relative to `folder` (relative when inside the current directory,
+    else absolute). Returns, for a path that does not exist there, a hint for its error message."""
+    hints = {}
+    cwd = Path.cwd().resolve()
+    for section, field in PATH_FIELDS:
+        value = (raw.get(section) or {}).get(field)
+        if not isinstance(value, str) or Path(value).expanduser().is_absolute() or value.startswith("~"):
+            continue
+        target = (folder / value).resolve()
+        if not (looks_local(value) or target.exists()):
+            continue  # a hub id
+        resolved = target.relative_to(cwd) if target.is_relative_to(cwd) else target
+        raw[section][field] = str(resolved)
+        if not target.exists():
+            hint = f"a path in a job file is relative to the file's folder ({folder}/)"
+            if Path(value).exists():
+                hint += f": write {os.path.relpath(Path(value).resolve(), folder.resolve())!r} for the {value!r} " \
+                        "of the current directory"
+            hints[f"{section}.{field}"] = hint
+    return hints
+
+
+def _check_paths(spec: JobSpec, source: str, hints: dict[str, str] | None = None) -> None:
     """Local paths that look local must exist (hub ids have no leading ./ or /, and no file suffix)."""
     problems = []
     for section, field in PATH_FIELDS:
         value = getattr(getattr(spec, section), field)
         if value and looks_local(value) and not Path(value).exists():
-            problems.append(f"{section}.{field}: local path {value!r} does not exist")
+            hint = (hints or {}).get(f"{section}.{field}")
+            problems.append(f"{section}.{field}: local path {value!r} does not exist" + (f" ({hint})" if hint else ""))
     if problems:
         raise SpecError(source, problems)
 

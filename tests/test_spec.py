@@ -88,4 +88,27 @@ def test_validate_space_rejects_what_tune_rejects(root, monkeypatch, tmp_path, c
     assert "layer_sets: unknown key" in capsys.readouterr().err
     for space in sorted((root / "search_spaces").glob("*.yaml")):
         job = "jobs/tiny-cpu.yaml" if "tiny" in space.name else "jobs/llama3-8b-lora.yaml"
-        assert main(["validate", job, "--set", "model.init=random", "--space", str(space)]) == 0, space
+        two = ["--set", "resources.num_workers=2", "--set", "training.gradient_accumulation_steps=8"] \
+            if "2gpu" in space.name else []
+        assert main(["validate", job, "--set", "model.init=random", *two, "--space", str(space)]) == 0, space
+
+
+def test_paths_in_a_job_file_are_relative_to_its_folder(root, tmp_path, monkeypatch):
+    """jobs/x.yaml says ../data/...; a job elsewhere reads files beside it; --set paths are the shell's."""
+    monkeypatch.chdir(root)
+    job = load_job("jobs/tiny-cpu.yaml")
+    assert job.data.path == "data/instructions.messages.jsonl" and job.tokenizer.name_or_path == "data/tokenizer"
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d/rows.jsonl").write_text((root / "data/instructions.messages.jsonl").read_text())
+    text = (root / "jobs/tiny-cpu.yaml").read_text().replace("../data/instructions.messages.jsonl", "d/rows.jsonl")
+    (tmp_path / "job.yaml").write_text(text.replace("../data/tokenizer", str(root / "data/tokenizer")))
+    elsewhere = load_job(tmp_path / "job.yaml")
+    assert elsewhere.data.path == str(tmp_path / "d/rows.jsonl")  # outside the current directory: absolute
+    assert load_job(tmp_path / "job.yaml", ["data.path=data/instructions.alpaca.jsonl"]).data.path == \
+        "data/instructions.alpaca.jsonl"
+    (tmp_path / "old.yaml").write_text(text.replace("d/rows.jsonl", "data/instructions.messages.jsonl")
+                                       .replace("../data/tokenizer", str(root / "data/tokenizer")))
+    with pytest.raises(SpecError) as e:
+        load_job(tmp_path / "old.yaml")  # written relative to the current directory: refused with the fix
+    assert "relative to the file's folder" in str(e.value) and "data/instructions.messages.jsonl" in str(e.value)
+    assert "hub" not in str(e.value)

@@ -50,6 +50,7 @@ def test_mlflow_run_read_back(finished):
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["lora.r"] == "8" and run.data.params["activation_checkpointing.count"] == "2"
+    assert run.data.params["data.path"] == "data/instructions.messages.jsonl"  # as given, not absolute
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in losses] == [2, 4, 6, 8]
     assert {"tokens_per_s", "peak_allocated_gib", "grad_norm", "lr", "eval_loss", "final_tokens_per_s",
