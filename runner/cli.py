@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-hour-price", type=float, help="$/GPU-hour, to report cost per 1M tokens")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search")
     p.add_argument("--out", help="where to write the winner job YAML (default: <output_dir>/winner.yaml)")
+    p.add_argument("--cheapest", action="store_true",
+                   help="the fastest config at any LoRA rank (default: at the highest rank listed that fits); "
+                        "a smaller rank trades adapter capacity, i.e. quality, for speed")
 
     p = sub.add_parser("estimate", help="predict peak GPU memory without a GPU or weights")
     _job_args(p)
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             space = space.model_copy(update={"gpu_memory_gib": args.gpu_memory_gib})
         try:
             run_tune(job, space, resume=args.resume, gpu_hour_price=args.gpu_hour_price, winner_path=args.out,
-                     file_init=load_job(args.job).model.init)
+                     file_init=load_job(args.job).model.init, cheapest=args.cheapest)
         except SpecError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -16,7 +16,7 @@ from runner.tracking import RunLogger
 
 
 def summarise(job, space, inner, winner, speed, speed_source, grid_size, started, exclusive, price, parent,
-               winner_path, out, winner_base=None) -> dict[str, Any]:
+               winner_path, out, winner_base=None, cheapest: bool = False) -> dict[str, Any]:
     """Print and log the search's outcome; write the winner's job YAML. Returns the summary dict."""
     wall_s = (datetime.datetime.now() - started).total_seconds()
     results = list(inner.results.values())
@@ -37,6 +37,10 @@ def summarise(job, space, inner, winner, speed, speed_source, grid_size, started
     parent.text(table, "trials.md")
     parent.table(trial_rows(inner, exclusive), "trials.json")  # the MLflow UI shows it as a table
     parent.text("\n".join(front_lines), "frontier.md")
+    ranks = rank_lines(inner)
+    print("\nthe cost of each LoRA rank (its fastest config that fits):\n" + "\n".join(ranks))
+    parent.text("\n".join(ranks), "ranks.md")
+    summary["per_rank"] = {res["config"].r: res["config"].key for res in fastest_per_rank(inner)}
     _plot(results, front, parent, out, space, winner)
     if winner is None:
         print("no configuration fits the ceiling: raise gpu_memory_gib, allow more checkpointed layers, "
@@ -52,11 +56,47 @@ def summarise(job, space, inner, winner, speed, speed_source, grid_size, started
     parent.metrics({"winner_tokens_per_s": tokens_per_s, "winner_peak_gib": winner["peak_gib"]})
     print(f"\nwinner: {c.key}  {tokens_per_s:,.0f} tokens/s ({speed_source}), peak {winner['peak_gib']:.3f} GiB; "
           f"job written to {path}  (fitrun train {path})")
+    print(rank_choice_note(inner, c, cheapest))
     if price:
         summary.update(cost(job, tokens_per_s, price))
     summary.update(winner=c.key, winner_config=asdict(c), winner_tokens_per_s=tokens_per_s,
                    winner_peak_gib=winner["peak_gib"], winner_path=str(path), exclusive=dict(exclusive))
     return summary
+
+
+def fastest_per_rank(inner) -> list[dict]:
+    """For each LoRA rank measured, its fastest config that fits (probe speed), smallest rank first."""
+    best: dict[int, dict] = {}
+    for res in inner.best_per_column():
+        r = res["config"].r
+        if r not in best or res["tokens_per_s"] > best[r]["tokens_per_s"]:
+            best[r] = res
+    return [best[r] for r in sorted(best)]
+
+
+def rank_lines(inner) -> list[str]:
+    ranks = sorted({c.r for c in inner.columns})
+    found = {res["config"].r: res for res in fastest_per_rank(inner)}
+    lines = ["| rank | fastest config that fits | tokens/s | peak GiB |", "| --- | --- | --- | --- |"]
+    for r in ranks:
+        res = found.get(r)
+        lines.append(f"| r{r} | {res['config'].key} | {res['tokens_per_s']:,.0f} | {res['peak_gib']:.3f} |" if res
+                     else f"| r{r} | {'not measured (dominated)' if any(c.r == r for c in inner.dominated) else 'none fits'} | - | - |")
+    return lines
+
+
+def rank_choice_note(inner, winner, cheapest: bool) -> str:
+    """What the rank choice traded, in one sentence."""
+    fastest = max(fastest_per_rank(inner), key=lambda res: res["tokens_per_s"])
+    if cheapest:
+        return (f"--cheapest: the fastest config at any rank (r{winner.r}); a smaller LoRA rank trades adapter "
+                "capacity (quality) for speed")
+    listed = max(c.r for c in inner.columns)
+    note = f"rank: r{winner.r}, the highest listed rank that fits" if winner.r == listed else         f"rank: r{winner.r}; r{listed} (the highest listed) does not fit the ceiling"
+    if fastest["config"].r != winner.r:
+        note += (f"; --cheapest would pick r{fastest['config'].r} ({fastest['config'].key}, "
+                 f"{fastest['tokens_per_s']:,.0f} tokens/s), trading quality for speed")
+    return note
 
 
 TRIAL_COLUMNS = ("config", "status", "peak_gib", "tokens_per_s_packed", "tokens_per_s_exclusive", "loss")

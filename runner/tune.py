@@ -173,8 +173,8 @@ def _on_result(c: Config, res: dict) -> None:
 
 
 def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hour_price: float | None = None,
-             winner_path: str | None = None, extra_exclusive: list[Config] = (), file_init: str | None = None
-             ) -> dict[str, Any]:
+             winner_path: str | None = None, extra_exclusive: list[Config] = (), file_init: str | None = None,
+             cheapest: bool = False) -> dict[str, Any]:
     """Run the search; print and return the winner, the frontier and the counts. The winner's job file
     starts from `job` as given, with `file_init` (the job file's model.init, when a dry run overrode it).
     Long on purpose: the driver reads top to bottom (set up or resume, search, rank, report)."""
@@ -200,7 +200,9 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
     n_concurrent, gpu_fraction = concurrency(job, space, TRIAL_CPUS)
     if job.resources.use_gpu:
         job = job.model_copy(update={"resources": job.resources.model_copy(update={"gpus_per_worker": gpu_fraction})})
-    kw = {"prune_margin_pct": space.prune_margin_pct, "prune_dominated": space.prune_dominated}
+    # Rank is a quality choice: every rank is measured unless the user asked for the cheapest config,
+    # where a larger rank that cannot beat a smaller one need not run.
+    kw = {"prune_margin_pct": space.prune_margin_pct, "prune_dominated": space.prune_dominated and cheapest}
     inner = RandomSearcher(columns, ks, space.limit_gib, num_samples=space.num_samples, **kw) \
         if space.searcher == "random" else FitSearcher(columns, ks, space.limit_gib, **kw)
     searcher = tune_searcher_class()(inner, state_file, _on_result)
@@ -241,17 +243,21 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
         raise SystemExit(130)
 
     winner, speed, speed_source, exclusive = _rank_finalists(inner, job, space, uri, parent_id, storage,
-                                                             n_concurrent, extra_exclusive)
+                                                             n_concurrent, extra_exclusive, cheapest)
     summary = summarise(job, space, inner, winner, speed, speed_source, grid_size, started, exclusive,
-                        gpu_hour_price, parent, winner_path, out, winner_base=winner_base)
+                        gpu_hour_price, parent, winner_path, out, winner_base=winner_base, cheapest=cheapest)
     parent.end(ok=winner is not None)
     return summary
 
 
-def _rank_finalists(inner, job, space, uri, parent_id, storage, n_concurrent, extra_exclusive):
+def _rank_finalists(inner, job, space, uri, parent_id, storage, n_concurrent, extra_exclusive, cheapest=True):
     """The columns' best configs ranked by uncontended speed: re-measured one at a time when probes
-    shared the card. Returns (winner or None, speed function, its label, exclusive results)."""
+    shared the card. Only the highest rank that fits competes unless `cheapest`. Returns (winner or
+    None, speed function, its label, exclusive results)."""
     best = sorted(inner.best_per_column(), key=lambda res: -res["tokens_per_s"])
+    if best and not cheapest:
+        top = max(res["config"].r for res in best)
+        best = [res for res in best if res["config"].r == top]
     remeasured = best[:space.exclusive_finalists] if n_concurrent > 1 else []
     finalists = remeasured or best  # one trial at a time (or no re-measurement asked): the probes' own speed
     exclusive_configs = [res["config"] for res in remeasured]

@@ -125,12 +125,13 @@ def test_cpu_search_matches_brute_force(root, tmp_path):
     from runner.search import apply_config
 
     env = {**os.environ, "FITRUN_PROGRESS": "0"}
-    args = _tune_cli(tmp_path)
+    args = _tune_cli(tmp_path) + ["--cheapest"]  # the fastest at any rank: the brute force below checks that
     out = subprocess.run(args + ["--gpu-hour-price", "2.5"], cwd=root, capture_output=True, text=True, timeout=900,
                          env=env)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
     assert "per 1M tokens" in out.stdout and "per epoch" in out.stdout
+    assert "--cheapest: the fastest config at any rank" in out.stdout and "cost of each LoRA rank" in out.stdout
     counts = json.loads(next(line for line in out.stdout.splitlines() if line.startswith('{"trials_run"')).split("; ")[0])
 
     # Brute force over the whole grid, in this process.
@@ -288,3 +289,29 @@ def test_winner_without_re_measurement_is_the_fastest_fit(root, monkeypatch, n_c
     winner, speed, source, exclusive = _rank_finalists(searcher, job, space, "", "", None, n_concurrent, [])
     assert winner["config"] == columns[0].at_k(11) and speed(winner) == 23000.0 and exclusive == {}
     assert source.startswith("packed")
+
+
+def test_rank_is_a_quality_choice(root, monkeypatch):
+    """Every rank is measured; the winner is at the highest rank that fits unless --cheapest; the
+    report gives each rank's fastest fitting config."""
+    from runner.report import rank_choice_note, rank_lines
+    from runner.tune import _rank_finalists
+
+    monkeypatch.chdir(root)
+    job = load_job("jobs/llama3-8b-lora.yaml")
+    space = load_search_space("search_spaces/fit-24gb-2gpu.yaml")  # exclusive_finalists: 0
+    columns = [Config(r, 1, 16, "first", None) for r in (8, 16, 64)]
+    searcher = FitSearcher(columns, list(range(33)), CEILING - 0.5)
+    assert FitSearcher(columns, [0], 1.0, prune_dominated=False).prune_dominated is False
+    for c, peak, speed in ((columns[0].at_k(11), 23.3, 12500.0), (columns[1].at_k(13), 23.4, 11800.0),
+                           (columns[2].at_k(32), 25.0, 0.0)):
+        searcher.record(c, classify({"peak_gib": peak, "tokens_per_s": speed, "oom": 0}, searcher.limit_gib))
+    default, *_ = _rank_finalists(searcher, job, space, "", "", None, 1, [], cheapest=False)
+    cheapest, *_ = _rank_finalists(searcher, job, space, "", "", None, 1, [], cheapest=True)
+    assert default["config"].key == "r16-mb1-acc16-first-k13" and cheapest["config"].key == "r8-mb1-acc16-first-k11"
+    note = rank_choice_note(searcher, default["config"], cheapest=False)
+    assert "r64 (the highest listed) does not fit" in note and "--cheapest would pick r8" in note
+    assert "trading quality for speed" in note
+    table = "\n".join(rank_lines(searcher))
+    assert "| r8 | r8-mb1-acc16-first-k11 | 12,500 |" in table and "| r16 | r16-mb1-acc16-first-k13 | 11,800 |" in table
+    assert "| r64 | none fits |" in table
