@@ -63,8 +63,11 @@ def probe_trial(config: dict, job: dict, space: dict, uri: str, parent_run_id: s
                    "tokens_per_s": 0.0}
     outcome = classify(summary, sp.limit_gib)
     logger.prediction(config.get("predicted_peak_gib"), outcome["peak_gib"])
+    # At the probe's last step, logged after its per-step values: MLflow shows the latest value of a
+    # metric, so the run's tokens_per_s is the summary the search ranks (true accumulation), not step 3's.
     logger.metrics({"feasible": float(outcome["feasible"]), "tokens_per_s": outcome.get("measured_tokens_per_s", 0.0),
-                    **({"peak_gib": outcome["peak_gib"]} if outcome["peak_gib"] is not None else {})})
+                    **({"peak_gib": outcome["peak_gib"]} if outcome["peak_gib"] is not None else {})},
+                   step=int(summary.get("step") or 0))
     logger.tags({"status": outcome["status"]})
     logger.end(ok=outcome["status"] != "error")
     ray.tune.report({"score": outcome["tokens_per_s"], **{k: v for k, v in outcome.items() if v is not None}})

@@ -1,12 +1,17 @@
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FITRUN_PROGRESS", "0")  # no progress bars in test logs
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 @pytest.fixture(scope="session")
@@ -85,3 +90,54 @@ def ray_local():
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "FITRUN_PROGRESS": "0"}})
     yield
     ray.shutdown()
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 (SQLite behind it, proxied artifacts); stopped by PID."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                             "--artifacts-destination", str(tmp_path / "server-artifacts")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(1)
+    yield url
+    # Stop what this fixture started, by PID: the mlflow CLI and the server processes below it.
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        p.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    for p in alive:
+        p.kill()
+
+
+# The tiny job through the CLI, as a user runs it (test_train_ray, test_parallel).
+STEPS = ["--set", "training.max_steps=8", "--set", "training.save_steps=4", "--set", "training.eval_steps=4",
+         "--set", "training.logging_steps=2"]
+
+
+def fitrun_train(root, tmp, *extra, env=None):
+    args = [sys.executable, "-m", "runner", "train", "jobs/tiny-cpu.yaml", "--set", f"output_dir={tmp}/out",
+            "--set", f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db", *STEPS, *extra]
+    return subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "FITRUN_PROGRESS": "0", **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def finished(root, tmp_path_factory):
+    """The tiny job, 8 steps, one worker: shared by the end-to-end and the multi-worker tests."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    out = fitrun_train(root, tmp)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return tmp, out

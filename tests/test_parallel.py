@@ -5,17 +5,18 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.test_train_ray import _adapter, fitrun_train
+from conftest import fitrun_train
+from test_train_ray import _adapter
 
 pytestmark = pytest.mark.ray
 
-# global batch 4 = micro 2 x accum 2 x 1 worker = micro 2 x accum 1 x 2 workers; checkpoint at step 4
-SHAPE = ["--set", "training.micro_batch_size=2", "--set", "training.max_steps=8"]
+# The shared one-worker run (conftest `finished`): micro 4 x accum 2 = global 8, 8 steps, checkpoint
+# at step 4. Two workers: micro 4 x accum 1 x 2.
 TWO = ["--set", "resources.num_workers=2", "--set", "training.gradient_accumulation_steps=1"]
 
 
 def _run(root, tmp, *extra, env=None):
-    out = fitrun_train(root, tmp, *SHAPE, *extra, env=env)
+    out = fitrun_train(root, tmp, *extra, env=env)
     return out, out.stdout + out.stderr
 
 
@@ -26,11 +27,8 @@ def _history(tmp, key="loss"):
 
 
 @pytest.fixture(scope="module")
-def one_worker(root, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("one")
-    out, log = _run(root, tmp, "--set", "training.gradient_accumulation_steps=2")
-    assert out.returncode == 0, log[-3000:]
-    return tmp
+def one_worker(finished):
+    return finished[0]
 
 
 def _same_training(tmp, ref):
@@ -50,7 +48,7 @@ def _same_training(tmp, ref):
 def test_ddp_two_workers_match_one_worker(root, one_worker, tmp_path):
     out, log = _run(root, tmp_path, *TWO)
     assert out.returncode == 0, log[-3000:]
-    assert "batch: micro 2 x accum 1 x workers 2 = global 4" in log and "parallelism: ddp over 2 workers" in log
+    assert "batch: micro 4 x accum 1 x workers 2 = global 8" in log and "parallelism: ddp over 2 workers" in log
     _same_training(tmp_path, one_worker)
 
 

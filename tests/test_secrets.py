@@ -3,14 +3,10 @@ collector would look: not in MLflow params, tags or artifacts, not in the output
 the console. Against a real `mlflow server` on 127.0.0.1."""
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -18,35 +14,6 @@ pytestmark = pytest.mark.ray
 
 PASSWORD = "planted-pw-3f9a1c"
 HF_TOKEN = "hf_plantedTOKENx7q2"
-
-
-@pytest.fixture()
-def mlflow_server(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mlflow = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-                             "--artifacts-destination", str(tmp_path / "server-artifacts")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(1)
-    yield url
-    # Stop what this fixture started, by PID: the mlflow CLI and the server processes below it.
-    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for p in tree:
-        p.terminate()
-    _, alive = psutil.wait_procs(tree, timeout=30)
-    for p in alive:
-        p.kill()
 
 
 def test_planted_credentials_are_never_recorded(root, tmp_path, mlflow_server):

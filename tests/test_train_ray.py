@@ -1,32 +1,11 @@
 """The tiny job end to end: CLI -> local Ray cluster -> Ray Train worker -> MLflow (real SQLite store)."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from conftest import fitrun_train
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.ray
-
-STEPS = ["--set", "training.max_steps=8", "--set", "training.save_steps=4", "--set", "training.eval_steps=4",
-         "--set", "training.logging_steps=2"]
-
-
-def fitrun_train(root, tmp, *extra, env=None):
-    args = [sys.executable, "-m", "runner", "train", "jobs/tiny-cpu.yaml", "--set", f"output_dir={tmp}/out",
-            "--set", f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db", *STEPS, *extra]
-    return subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "FITRUN_PROGRESS": "0", **(env or {})})
-
-
-@pytest.fixture(scope="module")
-def finished(root, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    out = fitrun_train(root, tmp)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return tmp, out
 
 
 def _adapter(path):

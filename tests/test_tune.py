@@ -114,18 +114,41 @@ def _measure(spec) -> tuple[float, float]:
     return measure_in_process(spec, steps=4, pad_to_full=True)
 
 
-def _tune_cli(tmp_path) -> list[str]:
-    """`fitrun tune` on the tiny CPU job and space, writing only under tmp_path."""
+def _tune_cli(tmp_path, tracking_uri: str | None = None) -> list[str]:
+    """`fitrun tune` on the tiny CPU job and space, writing only under tmp_path (and to `tracking_uri`)."""
     return [sys.executable, "-m", "runner", "tune", "jobs/tiny-cpu.yaml", "search_spaces/tiny-cpu.yaml",
-            "--set", f"output_dir={tmp_path}/out", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+            "--set", f"output_dir={tmp_path}/out",
+            "--set", f"tracking.tracking_uri={tracking_uri or f'sqlite:///{tmp_path}/mlflow.db'}"]
 
 
 @pytest.mark.ray
-def test_cpu_search_matches_brute_force(root, tmp_path):
+def _rest(url: str, endpoint: str, body: dict | None = None, **query) -> dict:
+    """One call to MLflow's REST API, as the UI or a script reads a finished search."""
+    import urllib.parse
+    import urllib.request
+
+    full = f"{url}/api/2.0/mlflow/{endpoint}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(full, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _rest_runs(url: str, experiment: str) -> list[dict]:
+    exp = _rest(url, "experiments/get-by-name", experiment_name=experiment)["experiment"]
+    runs = _rest(url, "runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 500}).get("runs", [])
+    for r in runs:  # key/value lists as dicts
+        for part in ("params", "tags", "metrics"):
+            r["data"][part] = {x["key"]: x["value"] for x in r["data"].get(part, [])}
+    return runs
+
+
+def test_cpu_search_matches_brute_force(root, tmp_path, mlflow_server):
+    """A real search on CPU against a real `mlflow server`, read back through its REST API."""
     from runner.search import apply_config
 
     env = {**os.environ, "FITRUN_PROGRESS": "0"}
-    args = _tune_cli(tmp_path) + ["--cheapest"]  # the fastest at any rank: the brute force below checks that
+    args = _tune_cli(tmp_path, mlflow_server) + ["--cheapest"]  # the fastest at any rank: the brute force checks it
     out = subprocess.run(args + ["--gpu-hour-price", "2.5"], cwd=root, capture_output=True, text=True, timeout=900,
                          env=env)
     log = out.stdout + out.stderr
@@ -164,29 +187,48 @@ def test_cpu_search_matches_brute_force(root, tmp_path):
     if all(speed[best] > 1.5 * s for k, s in speed.items() if k != best):  # CPU timing is noisy: only clear cases
         assert w.key == best, speed
 
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = client.get_experiment_by_name("fitrun-tiny")
-    runs = client.search_runs([exp.experiment_id], max_results=500)
-    parents = [r for r in runs if r.data.tags.get("fitrun.kind") == "tune"]
-    assert len(parents) == 1 and parents[0].data.tags["winner"] == w.key
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(children) == len(runs) - 1  # every trial (and every pruned config) sits under the one parent
-    statuses = [r.data.tags.get("status") for r in children]
+    # What a user sees in the UI, read over REST: one parent, every trial and pruned config under it.
+    runs = _rest_runs(mlflow_server, "fitrun-tiny")
+    parents = [r for r in runs if r["data"]["tags"].get("fitrun.kind") == "tune"]
+    assert len(parents) == 1 and parents[0]["data"]["tags"]["winner"] == w.key
+    parent_id = parents[0]["info"]["run_id"]
+    assert parents[0]["info"]["status"] == "FINISHED" and "winner_tokens_per_s" in parents[0]["data"]["metrics"]
+    children = [r for r in runs if r["data"]["tags"].get("mlflow.parentRunId") == parent_id]
+    assert len(children) == len(runs) - 1
+    statuses = [r["data"]["tags"].get("status") for r in children]
     assert statuses.count("infeasible") == counts["infeasible"] and "ok" in statuses and "pruned" in statuses
-    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
-    assert {"winner.yaml", "frontier.png", "frontier.md", "trials.md", "trials.json"} <= artifacts
-    assert all("predicted_peak_gib" in r.data.metrics for r in children if r.data.tags.get("status") != "pruned"
-               or r.data.tags.get("reason") == "estimate")
-    assert len({frozenset(r.data.params) for r in children}) == 1  # one param set: the UI charts all children
-    assert {r.info.status for r in children if r.data.tags.get("status") == "pruned"} == {"KILLED"}  # never ran
+    assert len({frozenset(r["data"]["params"]) for r in children}) == 1  # one param set: the UI charts them all
+    assert {r["info"]["status"] for r in children if r["data"]["tags"].get("status") == "pruned"} == {"KILLED"}
+    assert all("predicted_peak_gib" in r["data"]["metrics"] for r in children
+               if r["data"]["tags"].get("status") != "pruned" or r["data"]["tags"].get("reason") == "estimate")
+    artifacts = {f["path"] for f in _rest(mlflow_server, "artifacts/list", run_id=parent_id).get("files", [])}
+    assert {"winner.yaml", "frontier.png", "frontier.md", "trials.md", "trials.json", "ranks.md"} <= artifacts
+    # A measured trial's tokens_per_s (its latest value, what the runs table shows) is the ranked summary,
+    # the same number as in the parent's trial table; its per-step values stay in the history.
+    table = {row[0]: row for row in _trial_rows(mlflow_server, parent_id)}
+    ok = next(r for r in children if r["data"]["tags"].get("status") == "ok"
+              and r["data"]["tags"].get("fitrun_phase") == "packed")
+    key = ok["data"]["tags"]["fitrun_config"]
+    shown = ok["data"]["metrics"]["tokens_per_s"]
+    assert shown == pytest.approx(table[key][3], rel=1e-6)
+    history = _rest(mlflow_server, "metrics/get-history", run_id=ok["info"]["run_id"], metric_key="tokens_per_s")
+    assert len(history["metrics"]) > 1  # the probe's steps, then the summary
 
     # --resume continues the same search: no new parent, no duplicate trial runs, same winner.
     again = subprocess.run(args + ["--resume"], cwd=root, capture_output=True, text=True, timeout=900, env=env)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
-    assert "resuming search: 3 trials done" in again.stdout or f"resuming search: {counts['trials_run']} trials done" in again.stdout
-    runs_after = client.search_runs([exp.experiment_id], max_results=500)
-    assert len(runs_after) == len(runs)
+    assert f"resuming search: {counts['trials_run']} trials done" in again.stdout
+    assert len(_rest_runs(mlflow_server, "fitrun-tiny")) == len(runs)
     assert load_job(tmp_path / "out/winner.yaml").activation_checkpointing.count == w.k
+
+
+def _trial_rows(url: str, run_id: str) -> list[list]:
+    """The parent's trials.json (an MLflow table artifact), downloaded through the server."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/get-artifact?path=trials.json&run_uuid={run_id}", timeout=30) as r:
+        table = json.loads(r.read())
+    return table["data"]
 
 
 def test_random_searcher_is_a_plain_baseline():
@@ -204,7 +246,7 @@ def test_interrupted_search_resumes_without_duplicates(root, tmp_path):
     from collections import Counter
 
     env = {**os.environ, "FITRUN_PROGRESS": "0"}
-    args = _tune_cli(tmp_path)
+    args = _tune_cli(tmp_path) + ["--cheapest"]
     proc = subprocess.Popen(args, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     seen = []
     for line in proc.stdout:  # Ctrl-C as soon as the first trial is done
