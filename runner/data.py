@@ -4,9 +4,12 @@ truncation accounting, packing, and deterministic micro-batches that can resume 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset, load_dataset
 
@@ -179,13 +182,20 @@ def tokenize(spec: DataSpec, tok, seed: int = 0) -> TokenizedData:
         return {"input_ids": ids[: spec.sequence_len], "labels": labels, "truncated": len(ids) > spec.sequence_len,
                 "problems": problems, "dropped": "" if trainable else "zero_trainable_tokens"}
 
+    # datasets caches the map by the file's and the function's fingerprints: a second run (or another
+    # worker) reads the token ids back from its cache; what follows works on Arrow columns, not rows.
     encoded = ds.map(encode, remove_columns=ds.column_names, desc="tokenize")
-    accounting = {"rows_read": float(len(encoded)), "rows_truncated": float(sum(encoded["truncated"]))}
+    table = encoded.with_format("arrow")[:]
+    dropped = Counter(table.column("dropped").to_pylist())
+    problems = Counter(pc.list_flatten(table.column("problems")).to_pylist())
+    accounting = {"rows_read": float(len(encoded)), "rows_truncated": float(pc.sum(table.column("truncated")).as_py() or 0)}
     for reason in ("bad_turns", "no_assistant_turn", "zero_trainable_tokens"):
-        accounting[f"dropped_{reason}"] = float(sum(d == reason for d in encoded["dropped"]))
+        accounting[f"dropped_{reason}"] = float(dropped[reason])
     for problem in ("unknown_role", "empty_turn", "leading_non_user_turn", "late_system_turn"):
-        accounting[f"turns_dropped_{problem}"] = float(sum(p.count(problem) for p in encoded["problems"]))
-    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in encoded if not r["dropped"]]
+        accounting[f"turns_dropped_{problem}"] = float(problems[problem])
+    kept = table.filter(pc.equal(table.column("dropped"), ""))
+    rows = [{"input_ids": i, "labels": lab} for i, lab in zip(kept.column("input_ids").to_pylist(),
+                                                               kept.column("labels").to_pylist())]
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     num_eval = int(round(len(rows) * spec.val_fraction))
@@ -198,7 +208,7 @@ def tokenize(spec: DataSpec, tok, seed: int = 0) -> TokenizedData:
         raise ValueError(f"data.path {spec.path}: no training rows left (read {len(encoded)}, kept {len(rows)} with "
                          f"trainable tokens; val_fraction={spec.val_fraction}, packing={spec.packing} needs >= "
                          "sequence_len tokens)")
-    trainable = sum(sum(t != IGNORE for t in r["labels"][1:]) for r in train_rows)
+    trainable = sum(len(r["labels"]) - 1 - r["labels"][1:].count(IGNORE) for r in train_rows if r["labels"])
     positions = sum(len(r["input_ids"]) for r in train_rows) if spec.packing or not spec.pad_to_sequence_len \
         else len(train_rows) * spec.sequence_len
     accounting.update(rows_kept=float(len(rows)), train_sequences=float(len(train_rows)),
@@ -211,8 +221,8 @@ def tokenize(spec: DataSpec, tok, seed: int = 0) -> TokenizedData:
 
 def pack(rows: list[dict], sequence_len: int) -> list[dict]:
     """Concatenate rows into full blocks of `sequence_len` (the tail that does not fill one is dropped)."""
-    ids = [t for r in rows for t in r["input_ids"]]
-    labels = [t for r in rows for t in r["labels"]]
+    ids = list(chain.from_iterable(r["input_ids"] for r in rows))
+    labels = list(chain.from_iterable(r["labels"] for r in rows))
     n = len(ids) // sequence_len
     return [{"input_ids": ids[i * sequence_len:(i + 1) * sequence_len],
              "labels": labels[i * sequence_len:(i + 1) * sequence_len]} for i in range(n)]
