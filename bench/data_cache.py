@@ -37,8 +37,9 @@ def write_conversations(path: Path, rows: int = ROWS, seed: int = 0) -> None:
 
 def first_step(data: Path, tmp: Path, cache: Path, name: str) -> tuple[float, str]:
     """Seconds from `fitrun train` starting to its first step line; the run stops after step 1."""
+    fmt = "messages" if data.name.startswith("instructions") else "sharegpt"
     args = [sys.executable, "-m", "runner", "train", "jobs/tiny-cpu.yaml", "--set", f"data.path={data}",
-            "--set", "data.format=sharegpt", "--set", "training.max_steps=1", "--set", "training.eval_steps=null",
+            "--set", f"data.format={fmt}", "--set", "training.max_steps=1", "--set", "training.eval_steps=null",
             "--set", "data.val_fraction=0", "--set", f"output_dir={tmp}/{name}", "--no-resume",
             "--set", f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db"]
     env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "FITRUN_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}
@@ -50,7 +51,7 @@ def first_step(data: Path, tmp: Path, cache: Path, name: str) -> tuple[float, st
         if re.search(r"step +1/1 ", line) and elapsed != elapsed:
             elapsed = time.time() - start
     proc.wait()
-    accounting = next((l.strip() for l in seen if "rows read" in l or "data:" in l), "")
+    accounting = next((re.sub(r"^.*?data: ", "data: ", l.strip()) for l in seen if "rows read" in l), "")
     if proc.returncode != 0:
         raise SystemExit("".join(seen[-40:]))
     return elapsed, accounting
@@ -64,6 +65,9 @@ def main() -> None:
         tmp = Path(t)
         data = tmp / "sharegpt-100k.jsonl"
         write_conversations(data)
+        shipped = Path("data/instructions.messages.jsonl").resolve()
+        first_step(shipped, tmp, tmp / "hf-datasets", "warm-up")  # Python's and Ray's own first-run costs
+        base, _ = first_step(shipped, tmp, tmp / "hf-datasets", "shipped")
         cold, accounting = first_step(data, tmp, tmp / "hf-datasets", "cold")
         cached, _ = first_step(data, tmp, tmp / "hf-datasets", "cached")
         size_mb = data.stat().st_size / 1e6
@@ -74,8 +78,9 @@ def main() -> None:
              "- each number: wall time from `fitrun train` starting (Python imports, Ray start, data, model) "
              "to its first optimizer step, with a fresh `HF_DATASETS_CACHE` before the first run",
              f"- accounting line of the first run: `{accounting}`", "",
+             f"first_step_s_shipped_data: {base:.1f}  (320 rows: the baseline, cached as well)",
              f"first_step_s_uncached: {cold:.1f}", f"first_step_s_cached: {cached:.1f}",
-             f"cache_saves_s: {cold - cached:.1f}", ""]
+             f"cached_slowdown_vs_shipped_s: {cached - base:.1f}", ""]
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
 
