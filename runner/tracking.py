@@ -111,7 +111,34 @@ class RunLogger:
 
     def __init__(self, uri: str, run_id: str):
         self.client = MlflowClient(uri)
-        self.run_id = run_id
+        self.uri, self.run_id = uri, run_id
+
+    def system_metrics(self, interval_s: float = 5.0):
+        """Start MLflow's system-metrics sampler for this run in this process: CPU, memory, disk,
+        network and, where nvidia-ml-py is installed (the gpu extra), GPU utilisation and memory, as
+        `system/*` metrics. Returns the monitor (call `.finish()`), or None where it cannot start."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, resume_logging=True,
+                                           tracking_uri=self.uri)
+            monitor.start()
+            return monitor
+        except Exception as e:  # never a reason to fail a training run
+            print(f"warning: system metrics unavailable ({type(e).__name__}: {e})", flush=True)
+            return None
+
+    @staticmethod
+    def finish_system_metrics(monitor) -> None:
+        """Stop the sampler; a run shorter than one interval still gets one sample."""
+        try:
+            monitor.finish()
+            if monitor._logging_step == 0:
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
+        except Exception as e:
+            print(f"warning: system metrics: {type(e).__name__}: {e}", flush=True)
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         now = int(time.time() * 1000)

@@ -64,7 +64,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = job_from_dict(config["spec"])
     probe = Probe(**config["probe"]) if config.get("probe") else None
     run = setup(spec, probe, config.get("tracking_uri"), config.get("run_id"))
-    totals, last, oom = loop(run)
+    # A job's rank 0 samples this node's CPU/GPU utilisation and memory into the run while it trains.
+    monitor = run.logger.system_metrics() if run.logger and probe is None else None
+    try:
+        totals, last, oom = loop(run)
+    finally:
+        if monitor:
+            run.logger.finish_system_metrics(monitor)
     summary = summarise(run, totals, last, oom)
     if run.logger:
         run.logger.metrics(numeric({f"final_{k}": v for k, v in summary.items()}), step=run.step)

@@ -34,6 +34,8 @@ def test_mlflow_run_read_back(finished):
     assert [m.step for m in losses] == [2, 4, 6, 8]
     assert {"tokens_per_s", "peak_allocated_gib", "grad_norm", "lr", "eval_loss", "final_tokens_per_s",
             "predicted_peak_gib", "estimate_error_pct"} <= set(run.data.metrics)
+    # MLflow system metrics sampled by rank 0 while it trained (GPU ones too, where nvidia-ml-py is installed)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"job.yaml", "adapter"} <= artifacts
     assert "adapter/adapter_model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
