@@ -96,6 +96,20 @@ def _as_eager_run():
         masking_utils.is_tracing, masking_utils.find_packed_sequence_indices = saved
 
 
+def _fsdp_terms(model, workers: int, lora: int, target: str) -> tuple[float, float, float]:
+    """FSDP2 (runner.parallel): the embedding and each decoder layer hold 1/N of their frozen weights
+    and adapters; the root (norm, lm_head) stays whole. A layer is gathered just before it runs (its
+    all-gather buffer, its unsharded copy, the next layer's prefetch: FSDP_GATHERED_LAYERS at once);
+    gradients accumulate unsharded until the step's last micro-batch; AdamW state is sharded.
+    Returns (frozen bytes no longer on this GPU, gathered-layer bytes, the all-gather stream's pool)."""
+    base = model.get_base_model()
+    units = [base.model.embed_tokens, *decoder_layers(model)]
+    frozen = sum(p.numel() * p.element_size() for u in units for p in u.parameters() if not p.requires_grad)
+    layer = max(sum(p.numel() * p.element_size() for p in u.parameters()) for u in units[1:])
+    stream_pool = FSDP_STREAM_POOL_LAYERS * layer if target == "cuda" else 0
+    return frozen * (1 - 1 / workers), FSDP_GATHERED_LAYERS * layer, stream_pool
+
+
 def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None = None) -> Estimate:
     """Peak memory of one training step of `spec` on `target` ('cuda' or 'cpu'; default from the spec).
     One function on purpose: the trace and the analytic terms read as one accounting, top to bottom."""
@@ -138,25 +152,14 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
     workers = spec.resources.num_workers
     ddp_buckets = lora if workers > 1 and spec.resources.parallelism == "ddp" else 0
     gathered = stream_pool = 0
+    lora_resident = lora
     if workers > 1 and spec.resources.parallelism == "fsdp":
-        # FSDP2 (runner.parallel): the embedding and each decoder layer hold 1/N of their frozen
-        # weights and adapters; the root (norm, lm_head) stays whole. A layer is gathered just before
-        # it runs: its all-gather buffer, its unsharded copy and the next layer's prefetch, up to
-        # FSDP_GATHERED_LAYERS layers at once. Gradients accumulate unsharded (no reduce-scatter
-        # until the step's last micro-batch); AdamW state is sharded.
-        base = model.get_base_model()
-        units = [base.model.embed_tokens, *decoder_layers(model)]
-        frozen = sum(p.numel() * p.element_size() for u in units for p in u.parameters() if not p.requires_grad)
-        layer = max(sum(p.numel() * p.element_size() for p in u.parameters()) for u in units[1:])
-        gathered = FSDP_GATHERED_LAYERS * layer
-        stream_pool = FSDP_STREAM_POOL_LAYERS * layer if target == "cuda" else 0
-        moved = frozen * (1 - 1 / workers) + lora * (1 - 1 / workers) - gathered
-        weights -= frozen * (1 - 1 / workers)
+        sharded, gathered, stream_pool = _fsdp_terms(model, workers, lora, target)
+        weights -= sharded
         lora_resident = lora / workers
+        moved = sharded + lora - lora_resident - gathered
         peak, after_forward, forward_peak = peak - moved, after_forward - moved, forward_peak - moved
         optimizer_state = 2 * lora_resident
-    else:
-        lora_resident = lora
     saved = after_forward - weights - lora_resident - gathered
     # What a checkpointed layer keeps: its input.
     checkpointed_inputs = len(layers) * b * s * model.get_base_model().config.hidden_size * dtype.itemsize

@@ -1,7 +1,7 @@
 """fitrun on a real Ray cluster: `ray start --head` (token auth on, its own temp dir and ports) plus a
 second `ray start` node on this machine. Submit, stop, kill a worker, kill the driver, resume. Each node
 runs under `ray start --block`, so the teardown stops it by PID (with its children and anything under
-its own --temp-dir), never by name and never with `ray stop`."""
+its own --temp-dir), never by a process name and never with Ray's cluster-wide stop command."""
 
 import glob
 import json
