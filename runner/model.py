@@ -129,17 +129,18 @@ class Trainable:
 
 def build_trainable(spec: JobSpec, device: torch.device, vocab_size: int | None = None,
                     layers: list[int] | None = None, check_batch: dict | None = None,
-                    target: str | None = None) -> Trainable:
+                    target: str | None = None, depth: int | None = None) -> Trainable:
     """Base model + LoRA + every lever of the job, in the order they must apply: recompute
     placement, fused kernels, the gradient-flow check (on `check_batch`), then compile.
 
     A new lever belongs here and nowhere else. On the meta device (the estimate's trace, planned
     for `target`) nothing can run: kernels, compile and offload are left to the estimate's measured
-    terms, and Liger's loss is traced as the chunked loss it equals in memory.
+    terms, and Liger's loss is traced as the chunked loss it equals in memory; `depth` builds it with
+    that many decoder layers (the estimate traces a few and accounts for the rest).
     """
     meta = device.type == "meta"
     target = target or device.type
-    base = build_base(spec.model, device, vocab_size, spec.training.seed, target)
+    base = build_base(spec.model, device, vocab_size, spec.training.seed, target, depth)
     if spec.model.quantization != "none" and not meta:
         quantize_linear_layers(base, spec.model.quantization, device)
     model = wrap_lora(base, spec.lora, spec.training.seed)
@@ -165,7 +166,7 @@ def build_model(spec: ModelSpec, lora: LoraSpec, device: torch.device, vocab_siz
 
 
 def build_base(spec: ModelSpec, device: torch.device, vocab_size: int | None = None, seed: int = 0,
-               target: str | None = None) -> torch.nn.Module:
+               target: str | None = None, depth: int | None = None) -> torch.nn.Module:
     """The base model in `spec.dtype` on `device`. The meta device builds the architecture only (for
     the estimate), in the dtype planned for `target`. A random-init base that will be quantized (a dry
     run) is built in the model dtype first, so it needs room for those weights for a moment; a
@@ -174,6 +175,12 @@ def build_base(spec: ModelSpec, device: torch.device, vocab_size: int | None = N
     dtype = resolve_dtype(spec, target or device.type)
     config = model_config(spec, allow_builtin=meta)
     config.use_cache = False  # a training forward must not build a KV cache (it keeps activations alive)
+    if depth is not None:
+        if not meta:
+            raise ValueError("depth is for the estimate's meta-device trace only")
+        config.num_hidden_layers = depth
+        if getattr(config, "layer_types", None):  # per-layer attention kinds (uniform: see estimate)
+            config.layer_types = config.layer_types[:depth]
     # The trace cannot load flash-attn; SDPA saves the same tensors.
     attn = "sdpa" if meta and spec.attn_implementation == "flash_attention_2" else spec.attn_implementation
     config._attn_implementation = attn

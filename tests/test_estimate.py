@@ -44,3 +44,47 @@ def test_estimate_components_and_cli(root, monkeypatch, capsys):
     out = capsys.readouterr().out
     for word in ("weights", "lora_params", "optimizer_state", "saved_activations", "does NOT fit"):
         assert word in out
+
+
+DEEP_CASES = {
+    "none": ["activation_checkpointing.count=0"],
+    "even-3": ["activation_checkpointing.count=3"],
+    "last-3": ["activation_checkpointing.count=3", "activation_checkpointing.placement=last"],
+    "layers-1-5-8": ["activation_checkpointing.count=null", "activation_checkpointing.layers=[1,5,8]"],
+    "selective-unpacked": ["activation_checkpointing.count=5", "activation_checkpointing.policy=selective",
+                           "data.packing=false"],
+    "2-workers-fsdp": ["activation_checkpointing.count=2", "resources.num_workers=2", "resources.parallelism=fsdp"],
+}
+
+
+@pytest.fixture(scope="module")
+def ten_layer_model(tmp_path_factory):
+    """A local model directory (config.json) with the tiny widths and 10 decoder layers."""
+    from runner.model import preset_config
+
+    config = preset_config("tiny")
+    config.num_hidden_layers = 10
+    path = tmp_path_factory.mktemp("tiny-10-layers")
+    config.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("case", DEEP_CASES)
+def test_a_few_traced_layers_replay_the_full_trace_exactly(root, monkeypatch, ten_layer_model, case):
+    """The estimate traces the first, the last and one middle layer of each kind; the replay at full
+    depth must equal tracing all 10 layers, byte for byte, for every placement."""
+    monkeypatch.chdir(root)
+    spec = load_job("jobs/tiny-cpu.yaml", ["model.preset=null", f"model.name_or_path={ten_layer_model}",
+                                           "training.gradient_accumulation_steps=1", *DEEP_CASES[case]])
+    short, full = estimate(spec, "cuda"), estimate(spec, "cuda", trace_all_layers=True)
+    assert short.components_gib == full.components_gib
+    assert (short.peak_allocated_gib, short.peak_reserved_gib) == (full.peak_allocated_gib, full.peak_reserved_gib)
+
+
+def test_ten_layer_estimate_within_5pct_of_measured(root, monkeypatch, ten_layer_model):
+    monkeypatch.chdir(root)
+    spec = load_job("jobs/tiny-cpu.yaml", ["model.preset=null", f"model.name_or_path={ten_layer_model}",
+                                           "training.gradient_accumulation_steps=1", "activation_checkpointing.count=3"])
+    predicted = estimate(spec, "cpu").peak_gib
+    measured, _ = measure_in_process(spec)
+    assert abs(predicted - measured) / measured <= 0.05, (predicted, measured)
