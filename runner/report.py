@@ -16,7 +16,7 @@ from runner.tracking import RunLogger
 
 
 def summarise(job, space, inner, winner, speed, speed_source, grid_size, started, exclusive, price, parent,
-               winner_path, out, winner_base=None, cheapest: bool = False) -> dict[str, Any]:
+               winner_path, out, winner_base=None, cheapest: bool = False, quality: dict | None = None) -> dict[str, Any]:
     """Print and log the search's outcome; write the winner's job YAML. Returns the summary dict."""
     wall_s = (datetime.datetime.now() - started).total_seconds()
     results = list(inner.results.values())
@@ -37,10 +37,14 @@ def summarise(job, space, inner, winner, speed, speed_source, grid_size, started
     parent.text(table, "trials.md")
     parent.table(trial_rows(inner, exclusive), "trials.json")  # the MLflow UI shows it as a table
     parent.text("\n".join(front_lines), "frontier.md")
-    ranks = rank_lines(inner)
+    ranks = rank_lines(inner, quality or {}, space.quality_steps)
     print("\nthe cost of each LoRA rank (its fastest config that fits):\n" + "\n".join(ranks))
     parent.text("\n".join(ranks), "ranks.md")
     summary["per_rank"] = {res["config"].r: res["config"].key for res in fastest_per_rank(inner)}
+    if quality:
+        summary["eval_loss_per_rank"] = {res["config"].r: quality[res["config"].key] for res in fastest_per_rank(inner)
+                                         if res["config"].key in quality}
+        parent.metrics({f"eval_loss_r{r}": v for r, v in summary["eval_loss_per_rank"].items()})
     _plot(results, front, parent, out, space, winner)
     if winner is None:
         print("no configuration fits the ceiling: raise gpu_memory_gib, allow more checkpointed layers, "
@@ -74,14 +78,24 @@ def fastest_per_rank(inner) -> list[dict]:
     return [best[r] for r in sorted(best)]
 
 
-def rank_lines(inner) -> list[str]:
+def rank_lines(inner, quality: dict[str, float] | None = None, quality_steps: int = 0) -> list[str]:
+    """The cost of each rank: its fastest config that fits, and (where measured) that config's eval
+    loss after `quality_steps` steps at the job's global batch."""
+    quality = quality or {}
     ranks = sorted({c.r for c in inner.columns})
     found = {res["config"].r: res for res in fastest_per_rank(inner)}
-    lines = ["| rank | fastest config that fits | tokens/s | peak GiB |", "| --- | --- | --- | --- |"]
+    loss_head = f" eval loss after {quality_steps} steps |" if quality else ""
+    lines = [f"| rank | fastest config that fits | tokens/s | peak GiB |{loss_head}",
+             "| --- | --- | --- | --- |" + (" --- |" if quality else "")]
     for r in ranks:
         res = found.get(r)
-        lines.append(f"| r{r} | {res['config'].key} | {res['tokens_per_s']:,.0f} | {res['peak_gib']:.3f} |" if res
-                     else f"| r{r} | {'not measured (dominated)' if any(c.r == r for c in inner.dominated) else 'none fits'} | - | - |")
+        if res is None:
+            why = "not measured (dominated)" if any(c.r == r for c in inner.dominated) else "none fits"
+            lines.append(f"| r{r} | {why} | - | - |" + (" - |" if quality else ""))
+            continue
+        loss = quality.get(res["config"].key)
+        loss_cell = (f" {loss:.4f} |" if loss is not None else " - |") if quality else ""
+        lines.append(f"| r{r} | {res['config'].key} | {res['tokens_per_s']:,.0f} | {res['peak_gib']:.3f} |{loss_cell}")
     return lines
 
 

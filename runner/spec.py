@@ -335,6 +335,10 @@ class SearchSpaceSpec(_Strict):
     max_concurrent_trials: int | None = Field(None, gt=0)
     exclusive_finalists: int = Field(3, ge=0)
     """Re-measure the top N feasible configs alone on the device (uncontended speed)."""
+    quality_steps: int = Field(20, ge=0)
+    """Where the job has an eval split (`data.val_fraction`): each rank's fastest config that fits
+    trains this many optimizer steps at the job's global batch (the same tokens, seed and data order
+    for every rank), then its eval loss is reported beside its speed. 0: off."""
 
     @property
     def limit_gib(self) -> float | None:

@@ -14,10 +14,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from runner.report import summarise
+from runner.report import fastest_per_rank, summarise
 from runner.search import Config, FitSearcher, RandomSearcher, expand
 from runner.spec import JobSpec, SearchSpaceSpec, job_from_dict
-from runner.tracking import RunLogger, start_run, tracking_uri, without_credentials
+from runner.tracking import RunLogger, find_run, start_run, tracking_uri, without_credentials
 from runner.trial import OUTCOME_KEYS, probe_trial
 
 GIB = 1024**3
@@ -244,8 +244,10 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
 
     winner, speed, speed_source, exclusive = _rank_finalists(inner, job, space, uri, parent_id, storage,
                                                              n_concurrent, extra_exclusive, cheapest)
+    quality = _quality_runs([res["config"] for res in fastest_per_rank(inner)], job, space, uri, parent_id, storage)
     summary = summarise(job, space, inner, winner, speed, speed_source, grid_size, started, exclusive,
-                        gpu_hour_price, parent, winner_path, out, winner_base=winner_base, cheapest=cheapest)
+                        gpu_hour_price, parent, winner_path, out, winner_base=winner_base, cheapest=cheapest,
+                        quality=quality)
     parent.end(ok=winner is not None)
     return summary
 
@@ -275,6 +277,50 @@ def _rank_finalists(inner, job, space, uri, parent_id, storage, n_concurrent, ex
 
     ranked = sorted(finalists, key=speed, reverse=True)
     return (ranked[0] if ranked else None), speed, speed_source, exclusive
+
+
+def _quality_runs(finalists: list[Config], job: JobSpec, space: SearchSpaceSpec, uri: str, parent_id: str,
+                  storage: Path) -> dict[str, float]:
+    """Each rank's finalist trained `space.quality_steps` optimizer steps at the job's global batch (so
+    the same tokens, in the same order, from the same seed), one at a time, then evaluated on the job's
+    eval split: {config key: eval loss}. Each is a child run (phase `quality`); a resumed search
+    reuses a finished one. Nothing when the job has no eval split."""
+    from runner.launch import make_trainer
+    from runner.search import apply_config
+    from runner.trial import trial_params
+
+    if not space.quality_steps or not job.data.val_fraction or not finalists:
+        return {}
+    print(f"quality: {space.quality_steps} steps each, then the eval loss: {', '.join(c.key for c in finalists)}",
+          flush=True)
+    experiment, losses = job.tracking.experiment_name, {}
+    for c in finalists:
+        found = find_run(uri, experiment, f"tags.mlflow.parentRunId = '{parent_id}' and tags.fitrun_config = '{c.key}' "
+                                          "and tags.fitrun_phase = 'quality' and attributes.status = 'FINISHED'")
+        done = RunLogger(uri, found).client.get_run(found).data.metrics if found else {}
+        if "eval_loss" in done:
+            losses[c.key] = done["eval_loss"]
+            continue
+        spec = apply_config(job, c, space.lora_alpha_rule)
+        spec = spec.model_copy(update={
+            "training": spec.training.model_copy(update={"max_steps": space.quality_steps, "save_steps": None,
+                                                         "eval_steps": None, "max_failures": 0}),
+            "resources": spec.resources.model_copy(update={"gpus_per_worker": 1.0})})  # one at a time, alone
+        run_id = start_run(uri, experiment, f"quality-{c.key}", parent_run_id=parent_id,
+                           params=trial_params(c, spec.lora.lora_alpha),
+                           tags={"fitrun_config": c.key, "fitrun_phase": "quality", "fitrun.kind": "trial"})
+        logger = RunLogger(uri, run_id)
+        try:
+            metrics = make_trainer(spec, f"quality-{c.key}", str(storage / "train"), uri, run_id).fit().metrics or {}
+        except Exception as e:  # a finalist that fails here is reported, not fatal: the search is done
+            print(f"quality run {c.key} failed: {str(e)[-300:]}", flush=True)
+            logger.end(ok=False, reason=str(e)[-2000:])
+            continue
+        logger.metrics({"eval_loss": metrics.get("eval_loss")}, step=space.quality_steps)
+        logger.end(ok="eval_loss" in metrics)
+        if "eval_loss" in metrics:
+            losses[c.key] = metrics["eval_loss"]
+    return losses
 
 
 def _run_exclusive(configs: list[Config], job: JobSpec, space: SearchSpaceSpec, uri: str, parent_id: str,

@@ -156,7 +156,7 @@ def loop(run: Run) -> tuple[dict[str, float], dict[str, float], str | None]:
     cpu_limit = probe.ceiling_gib if probe and run.device.type != "cuda" else None
     memory = PeakMemory(run.device, baseline=list(run.trainable.model.parameters()), limit_gib=cpu_limit)
     measure_from = probe.warmup_steps if probe else min(t.measure_warmup_steps, max(0, run.max_steps - 1))
-    totals = {"tokens": 0, "time_s": 0.0, "peak_allocated_gib": 0.0, "peak_reserved_gib": 0.0,
+    totals = {"tokens": 0, "trainable_tokens": 0, "time_s": 0.0, "peak_allocated_gib": 0.0, "peak_reserved_gib": 0.0,
               "micro_batch_time_s": 0.0, "optimizer_time_s": 0.0, "measured_steps": 0}
     metrics: dict[str, float] = {}
     run.console.start_progress(run.step, run.max_steps)
@@ -210,9 +210,10 @@ def _check_run_open(run: Run) -> None:
 
 
 def _accumulate(totals: dict[str, float], metrics: dict[str, float], measured: bool) -> None:
-    tokens = metrics.pop("_tokens")
+    tokens, trainable = metrics.pop("_tokens"), metrics.pop("_trainable_tokens")
     if measured:
         totals["tokens"] += tokens
+        totals["trainable_tokens"] += trainable
         totals["time_s"] += metrics["step_time_s"]
         totals["micro_batch_time_s"] += metrics["micro_batch_time_s"]
         totals["optimizer_time_s"] += metrics["optimizer_time_s"]
@@ -234,6 +235,8 @@ def summarise(run: Run, totals: dict[str, float], last: dict[str, float], oom: s
         "step": run.step,
         "loss": last.get("loss", float("nan")),
         "tokens_per_s": totals["tokens"] / totals["time_s"] if totals["time_s"] else 0.0,
+        # the tokens that carry a loss (assistant turns, not padding): what unpacked data is judged by
+        "trainable_tokens_per_s": totals["trainable_tokens"] / totals["time_s"] if totals["time_s"] else 0.0,
         "peak_allocated_gib": max(totals["peak_allocated_gib"], last.get("peak_allocated_gib", 0.0)),
         "peak_reserved_gib": max(totals["peak_reserved_gib"], last.get("peak_reserved_gib", 0.0)),
         "num_checkpointed_layers": len(run.trainable.layers),
@@ -263,9 +266,11 @@ def train_step(net, model, batches, optimizer, scheduler, t, device, world_size)
     """One optimizer step: accumulate micro-batches, normalise by the step's label tokens, clip, step."""
     micro = [batches.next() for _ in range(t.gradient_accumulation_steps)]
     num_label_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+    trainable_tokens = num_label_tokens
     if world_size > 1:  # normalise by the global count so DDP's mean equals the full-batch loss
         counts = torch.tensor([num_label_tokens], device=device, dtype=torch.float64)
         torch.distributed.all_reduce(counts)
+        trainable_tokens = int(counts.item())
         denom = max(1.0, counts.item() / world_size)
     else:
         denom = max(1, num_label_tokens)
@@ -294,6 +299,7 @@ def train_step(net, model, batches, optimizer, scheduler, t, device, world_size)
     tokens = sum(b["input_ids"].numel() for b in micro) * world_size
     return {"loss": float(loss_sum), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
             "step_time_s": step_time, "tokens_per_s": tokens / step_time, "_tokens": tokens,
+            "trainable_tokens_per_s": trainable_tokens / step_time, "_trainable_tokens": trainable_tokens,
             "micro_batch_time_s": (backward_done - start) / len(micro), "optimizer_time_s": end - backward_done}
 
 

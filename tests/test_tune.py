@@ -199,8 +199,17 @@ def test_cpu_search_matches_brute_force(root, tmp_path, mlflow_server):
     assert statuses.count("infeasible") == counts["infeasible"] and "ok" in statuses and "pruned" in statuses
     assert len({frozenset(r["data"]["params"]) for r in children}) == 1  # one param set: the UI charts them all
     assert {r["info"]["status"] for r in children if r["data"]["tags"].get("status") == "pruned"} == {"KILLED"}
-    assert all("predicted_peak_gib" in r["data"]["metrics"] for r in children
+    probes = [r for r in children if r["data"]["tags"].get("fitrun_phase") != "quality"]
+    assert all("predicted_peak_gib" in r["data"]["metrics"] for r in probes
                if r["data"]["tags"].get("status") != "pruned" or r["data"]["tags"].get("reason") == "estimate")
+    # Rank as a quality choice: each rank's fastest config trained the same tokens, then evaluated.
+    quality = {r["data"]["tags"]["fitrun_config"]: r for r in children if r["data"]["tags"].get("fitrun_phase") == "quality"}
+    fitting_ranks = {r["data"]["params"]["r"] for r in probes if r["data"]["tags"].get("status") == "ok"}
+    assert len(quality) == len(fitting_ranks) and all(r["info"]["status"] == "FINISHED" for r in quality.values())
+    losses = {key: r["data"]["metrics"]["eval_loss"] for key, r in quality.items()}
+    assert all(0 < v < 10 for v in losses.values())
+    assert {f"eval_loss_r{int(r['data']['params']['r'])}" for r in quality.values()} <= set(parents[0]["data"]["metrics"])
+    assert "eval loss after 5 steps" in out.stdout
     artifacts = {f["path"] for f in _rest(mlflow_server, "artifacts/list", run_id=parent_id).get("files", [])}
     assert {"winner.yaml", "frontier.png", "frontier.md", "trials.md", "trials.json", "ranks.md"} <= artifacts
     # A measured trial's tokens_per_s (its latest value, what the runs table shows) is the ranked summary,

@@ -46,5 +46,8 @@ def test_tiny_job_losses_are_pinned(root, monkeypatch, one_thread):
         m = train_step(built.net, built.model, batches, opt, sched, t, torch.device("cpu"), 1)
         losses.append(m["loss"])
         norms.append(m["grad_norm"])
+        # Trainable tokens (labels that carry a loss) are fewer than the positions processed.
+        assert 0 < m["_trainable_tokens"] < m["_tokens"]
+        assert m["trainable_tokens_per_s"] / m["tokens_per_s"] == pytest.approx(m["_trainable_tokens"] / m["_tokens"])
     assert losses == pytest.approx(EXPECTED_LOSS, rel=1e-5)
     assert norms == pytest.approx(EXPECTED_GRAD_NORM, rel=1e-4)
