@@ -89,7 +89,7 @@ def main() -> None:
         lines.append(f"packed_trainable_tokens_per_s: {packed['trainable_tokens_per_s']:.0f}")
         lines.append(f"unpacked_trainable_tokens_per_s: {unpacked['trainable_tokens_per_s']:.0f}")
         lines.append(f"packing_speedup_trainable: {packed['trainable_tokens_per_s'] / unpacked['trainable_tokens_per_s']:.2f}")
-    lines += ["", "## GPU system metrics MLflow recorded for the packed run (latest values)", ""]
+    lines += ["", "## System metrics MLflow recorded for the packed run (latest values; GPU ones need nvidia-ml-py)", ""]
     lines += [f"- `{k}`: {v:,.1f}" for k, v in sorted(results.get("system", {}).items())] or ["- none recorded"]
     lines += ["", f"estimate_wall_s_2_cores: {estimate_wall_s():.1f}"]
     Path(args.out).write_text("\n".join(lines) + "\n")

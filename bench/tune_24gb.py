@@ -6,7 +6,10 @@ seed recipe (all 32 layers checkpointed, micro-batch 1, r16) measured in the sam
 
 import argparse
 import datetime
+import os
+import shutil
 import time
+from pathlib import Path
 
 from gpu import hardware
 from runner.spec import load_job, load_search_space
@@ -57,7 +60,11 @@ def main() -> None:
              f"winner_tokens_per_s: {s.get('winner_tokens_per_s', float('nan')):.0f}",
              f"seed_recipe_tokens_per_s: {seed_tps:.0f}",
              f"winner_speedup_vs_seed_recipe: {speedup:.2f}", "",
+             "## The cost of each rank", "", s.get("ranks_table", ""), "",
              "## Trials", "", s["table"], ""]
+    frontier = Path(job.resolved_output_dir()) / "frontier.png"
+    if frontier.exists():  # the plot the search logged to MLflow, beside the results
+        shutil.copy(frontier, os.path.splitext(args.out)[0] + "-frontier.png")
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

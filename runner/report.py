@@ -41,6 +41,7 @@ def summarise(job, space, inner, winner, speed, speed_source, grid_size, started
     print("\nthe cost of each LoRA rank (its fastest config that fits):\n" + "\n".join(ranks))
     parent.text("\n".join(ranks), "ranks.md")
     summary["per_rank"] = {res["config"].r: res["config"].key for res in fastest_per_rank(inner)}
+    summary["ranks_table"] = "\n".join(ranks)
     if quality:
         summary["eval_loss_per_rank"] = {res["config"].r: quality[res["config"].key] for res in fastest_per_rank(inner)
                                          if res["config"].key in quality}
