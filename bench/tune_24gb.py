@@ -26,13 +26,15 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--no-seed", action="store_true", help="skip re-measuring the seed recipe (saves device time)")
     ap.add_argument("--winner", help="where to write the winner's job YAML")
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted search (same --set output_dir)")
     args = ap.parse_args()
     job = load_job(args.job, ["model.init=random", "name=tune-bench", *args.overrides])
     space = load_search_space(args.space, args.space_overrides)
     seed = Config(r=job.lora.r, micro_batch_size=1, gradient_accumulation_steps=job.global_batch_size,
                   placement="first", k=32 if "8b" in args.job else 4)
     start = time.time()
-    s = run_tune(job, space, extra_exclusive=[] if args.no_seed else [seed], winner_path=args.winner)
+    s = run_tune(job, space, resume=args.resume, extra_exclusive=[] if args.no_seed else [seed],
+                 winner_path=args.winner)
     wall = time.time() - start
     seed_res = s.get("exclusive", {}).get(seed.key, {})
     seed_tps = seed_res.get("tokens_per_s") or float("nan")
