@@ -30,6 +30,9 @@ CAP = ["resources.gpu_memory_gib=24", "training.measure_warmup_steps=3", "traini
 ARMS = {  # the job's global batch (16 rows) in both: packed rows are 2048-token blocks, unpacked ones a conversation
     "packed": ["data.packing=true", "training.max_steps=12"],
     "unpacked": ["data.packing=false", "training.max_steps=30"],
+    # the same global batch as 1 micro-batch of 16 conversations, each padded to the longest in it
+    "unpacked-mb16": ["data.packing=false", "training.max_steps=30", "training.micro_batch_size=16",
+                      "training.gradient_accumulation_steps=1"],
 }
 
 
@@ -57,6 +60,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--no-estimate", action="store_true")
     args = ap.parse_args()
     lines = [f"# The 8B on variable-length conversations, packed vs unpacked ({datetime.date.today()})", "",
              f"- hardware: {hardware()}",
@@ -70,7 +75,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "conversations.sharegpt.jsonl"
         write_conversations(data, ROWS)
-        for name, sets in ARMS.items():
+        for name, sets in ((n, ARMS[n]) for n in args.arms):
             out_dir = f"{tmp}/{name}"
             log = os.path.splitext(args.out)[0] + f"-{name}.log"
             r = run(JOB, [*CAP, *sets, f"data.path={data}", f"tokenizer.name_or_path={args.tokenizer}"], out_dir, log)
@@ -91,7 +96,8 @@ def main() -> None:
         lines.append(f"packing_speedup_trainable: {packed['trainable_tokens_per_s'] / unpacked['trainable_tokens_per_s']:.2f}")
     lines += ["", "## System metrics MLflow recorded for the packed run (latest values; GPU ones need nvidia-ml-py)", ""]
     lines += [f"- `{k}`: {v:,.1f}" for k, v in sorted(results.get("system", {}).items())] or ["- none recorded"]
-    lines += ["", f"estimate_wall_s_2_cores: {estimate_wall_s():.1f}"]
+    if not args.no_estimate:
+        lines += ["", f"estimate_wall_s_2_cores: {estimate_wall_s():.1f}"]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     json.dump({k: {kk: vv for kk, vv in v.items() if isinstance(vv, (int, float, str))} for k, v in results.items()},
