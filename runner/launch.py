@@ -228,6 +228,11 @@ def run_train(spec: JobSpec, resume: bool = True, allow_changes: bool = False) -
     logger = _open_run(spec, out, uri, resume_from, changes, written)
     predicted = _predicted_peak(spec)
     logger.prediction(predicted, None)
+    cap = spec.resources.gpu_memory_gib if spec.resources.use_gpu else None
+    if predicted is not None and cap and predicted > cap:
+        worst = " on its longest batches (unpacked data is estimated at full sequence_len)" if not spec.data.packing else ""
+        print(f"warning: the memory estimate is {predicted:.1f} GiB, over resources.gpu_memory_gib={cap:g}: this job is "
+              f"likely to run out of memory{worst}; `fitrun tune` finds a configuration that fits", flush=True)
     print(f"MLflow run {logger.run_id} ({redact(uri)}); output {out}", flush=True)
     if resume_from:
         print(f"resuming from {resume_from}", flush=True)
