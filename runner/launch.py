@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.kernels import check_available
-from runner.spec import PATH_FIELDS, JobSpec, ResourcesSpec, SpecError, dump_yaml, flatten
+from runner.spec import JobSpec, ResourcesSpec, SpecError, dump_yaml, flatten, job_from_dict, map_local_paths
 from runner.tracking import CREDENTIAL_ENV, RunLogger, redact, start_run, tracking_uri, without_credentials
 from runner.worker import Probe, train_loop_per_worker
 
@@ -55,14 +55,9 @@ def init_ray(address: str | None) -> None:
 
 def absolute_paths(spec: JobSpec) -> JobSpec:
     """Local paths become absolute so Ray workers (other cwd) read the same files."""
-    spec = spec.model_copy(deep=True)
-    for section, field in PATH_FIELDS:
-        obj = getattr(spec, section)
-        value = getattr(obj, field)
-        if value and Path(value).exists():
-            setattr(obj, field, str(Path(value).absolute()))
-    spec.output_dir = str(spec.resolved_output_dir().absolute())
-    return spec
+    raw = map_local_paths(spec.to_dict(), lambda value: str(Path(value).absolute()))
+    raw["output_dir"] = str(spec.resolved_output_dir().absolute())
+    return job_from_dict(raw, "job")
 
 
 def scaling_config(res: ResourcesSpec):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.search import apply_config, pareto
-from runner.spec import PATH_FIELDS, dump_yaml, job_from_dict, looks_local
+from runner.spec import dump_yaml, job_from_dict, map_local_paths
 from runner.tracking import RunLogger
 
 
@@ -155,10 +155,8 @@ def write_winner(job, c, alpha_rule: str, header: str, path: Path, parent: RunLo
     raw["name"] = f"{job.name}-tuned"
     if "{name}" not in job.output_dir:
         raw["output_dir"] = str(Path(job.output_dir).parent / "{name}")
-    for section, field in PATH_FIELDS:  # its paths are relative to its own folder, as in any job file
-        value = raw[section][field]
-        if value and looks_local(value) and Path(value).exists():
-            raw[section][field] = os.path.relpath(Path(value).resolve(), path.parent.resolve())
+    # its paths are relative to its own folder, as in any job file
+    map_local_paths(raw, lambda value: os.path.relpath(Path(value).resolve(), path.parent.resolve()))
     text = header + dump_yaml(job_from_dict(raw))
     path.write_text(text)
     parent.text(text, "winner.yaml")

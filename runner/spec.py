@@ -478,6 +478,16 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
 PATH_FIELDS = (("data", "path"), ("model", "name_or_path"), ("tokenizer", "name_or_path"))
 
 
+def map_local_paths(raw: dict, fn) -> dict:
+    """`fn(path)` for each path field of a job dict that names an existing local file or folder
+    (hub ids and missing paths are left as they are); in place, returned for chaining."""
+    for section, field in PATH_FIELDS:
+        value = (raw.get(section) or {}).get(field)
+        if isinstance(value, str) and value and looks_local(value) and Path(value).exists():
+            raw[section][field] = fn(value)
+    return raw
+
+
 def resolve_paths(raw: dict, folder: Path) -> dict[str, str]:
     """Rewrite the relative local paths of a job dict (in place) to where they are from the current
     directory, reading them as relative to `folder` (relative when inside the current directory,

@@ -252,7 +252,7 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
     return summary
 
 
-def _rank_finalists(inner, job, space, uri, parent_id, storage, n_concurrent, extra_exclusive, cheapest=True):
+def _rank_finalists(inner, job, space, uri, parent_id, storage, n_concurrent, extra_exclusive, cheapest: bool):
     """The columns' best configs ranked by uncontended speed: re-measured one at a time when probes
     shared the card. Only the highest rank that fits competes unless `cheapest`. Returns (winner or
     None, speed function, its label, exclusive results)."""

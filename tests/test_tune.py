@@ -337,7 +337,7 @@ def test_winner_without_re_measurement_is_the_fastest_fit(root, monkeypatch, n_c
         searcher.record(c, classify({"peak_gib": peak, "tokens_per_s": speed, "oom": 0}, searcher.limit_gib))
     space = load_search_space(os.path.join(root, "search_spaces/fit-24gb-2gpu.yaml"),
                               [f"exclusive_finalists={exclusive_finalists}"])
-    winner, speed, source, exclusive = _rank_finalists(searcher, job, space, "", "", None, n_concurrent, [])
+    winner, speed, source, exclusive = _rank_finalists(searcher, job, space, "", "", None, n_concurrent, [], cheapest=True)
     assert winner["config"] == columns[0].at_k(11) and speed(winner) == 23000.0 and exclusive == {}
     assert source.startswith("packed")
 
