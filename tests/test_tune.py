@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from conftest import measure_in_process
 from mlflow.tracking import MlflowClient
 
@@ -114,9 +115,9 @@ def _measure(spec) -> tuple[float, float]:
     return measure_in_process(spec, steps=4, pad_to_full=True)
 
 
-def _tune_cli(tmp_path, tracking_uri: str | None = None) -> list[str]:
+def _tune_cli(tmp_path, tracking_uri: str | None = None, space: str = "search_spaces/tiny-cpu.yaml") -> list[str]:
     """`fitrun tune` on the tiny CPU job and space, writing only under tmp_path (and to `tracking_uri`)."""
-    return [sys.executable, "-m", "runner", "tune", "jobs/tiny-cpu.yaml", "search_spaces/tiny-cpu.yaml",
+    return [sys.executable, "-m", "runner", "tune", "jobs/tiny-cpu.yaml", str(space),
             "--set", f"output_dir={tmp_path}/out",
             "--set", f"tracking.tracking_uri={tracking_uri or f'sqlite:///{tmp_path}/mlflow.db'}"]
 
@@ -255,7 +256,11 @@ def test_interrupted_search_resumes_without_duplicates(root, tmp_path):
     from collections import Counter
 
     env = {**os.environ, "FITRUN_PROGRESS": "0"}
-    args = _tune_cli(tmp_path) + ["--cheapest"]
+    space = tmp_path / "space.yaml"  # the tiny space cut to two ranks, one accumulation, no quality runs
+    raw = yaml.safe_load((root / "search_spaces/tiny-cpu.yaml").read_text())
+    space.write_text(yaml.safe_dump({**raw, "lora_r": [4, 8], "gradient_accumulation_steps": [1],
+                                     "exclusive_finalists": 0, "quality_steps": 0}))
+    args = _tune_cli(tmp_path, space=space) + ["--cheapest"]
     proc = subprocess.Popen(args, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     seen = []
     for line in proc.stdout:  # Ctrl-C as soon as the first trial is done
@@ -272,7 +277,8 @@ def test_interrupted_search_resumes_without_duplicates(root, tmp_path):
     assert "resuming search: 1 trials done" in out.stdout and "winner: " in out.stdout
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("fitrun-tiny").experiment_id], max_results=500)
-    per_config = Counter(r.data.tags.get("fitrun_config") for r in runs if r.data.tags.get("fitrun.kind") == "trial")
+    per_config = Counter((r.data.tags.get("fitrun_config"), r.data.tags.get("fitrun_phase")) for r in runs
+                         if r.data.tags.get("fitrun.kind") == "trial")
     assert per_config and max(per_config.values()) == 1  # the interrupted trial's run was reused, not duplicated
     assert sum(r.data.tags.get("fitrun.kind") == "tune" for r in runs) == 1
     assert all(r.info.status == ("KILLED" if r.data.tags.get("status") == "pruned" else "FINISHED") for r in runs)
