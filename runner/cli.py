@@ -127,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             print("error: `fitrun submit --tune JOB SPACE` submits a search; `fitrun submit JOB` a training job",
                   file=sys.stderr)
             return 2
-        submit.submit(args.job, job, args.overrides, args.address, space=args.space)
+        try:
+            submit.submit(args.job, job, args.overrides, args.address, space=args.space)
+        except SpecError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "estimate":
         # transformers imports scikit-learn (there as MLflow's dependency) when it is installed, for
@@ -142,6 +146,14 @@ def main(argv: list[str] | None = None) -> int:
 def _job_command(args) -> int:
     from runner import submit
 
+    try:
+        return _job_command_at(args, submit)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _job_command_at(args, submit) -> int:
     if args.command == "status":
         print(submit.status(args.id, args.address))
     elif args.command == "logs":

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from runner.spec import JobSpec
+from runner.spec import JobSpec, SpecError
 from runner.tracking import CREDENTIAL_ENV, redact, tracking_uri, without_credentials
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -44,7 +44,16 @@ def client(address: str | None):
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     token = auth_token() if os.environ.get("RAY_AUTH_MODE", "token") != "disabled" else None
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    return JobSubmissionClient(address, headers=headers)
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except ConnectionError:
+        raise SpecError("--address", [f"{address}: no Ray dashboard answers there; start the head (`ray start --head`) "
+                                      "or pass its dashboard, http://HEAD:8265"]) from None
+    except Exception as e:  # Ray's AuthenticationError: the token is missing or not the cluster's
+        if "Authentication" not in type(e).__name__:
+            raise
+        raise SpecError("--address", [f"{address}: the cluster refused the token ({type(e).__name__}); set "
+                                      "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token"]) from None
 
 
 def durable_overrides(job: JobSpec) -> list[str]:

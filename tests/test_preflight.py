@@ -154,3 +154,16 @@ def test_dotted_hub_ids_are_hub_ids(root, monkeypatch, capsys):
                  "--set", "model.init=random"]) == 0, capsys.readouterr().err
     assert main(["validate", "jobs/llama3-8b-lora.yaml", "--set", "model.name_or_path=meta-llama/Llama-3.1-8B"]) == 2
     assert "not in the local Hugging Face cache" in capsys.readouterr().err
+
+
+def test_unreachable_dashboard_is_a_clean_error(root, monkeypatch, capsys, tmp_path):
+    """`fitrun submit` / `status` against an address where no Ray dashboard answers: exit 2, one
+    line naming the address and the fix, no traceback."""
+    from runner.cli import main
+
+    monkeypatch.chdir(root)
+    nowhere = "http://127.0.0.1:1"
+    assert main(["submit", "jobs/tiny-cpu.yaml", "--set", f"output_dir={tmp_path}/out", "--address", nowhere]) == 2
+    assert main(["status", "fitrun-x", "--address", nowhere]) == 2
+    err = capsys.readouterr().err
+    assert err.count("no Ray dashboard answers there") == 2 and "Traceback" not in err
