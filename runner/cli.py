@@ -66,7 +66,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, validate and preflight, then one branch per command (a dispatch table would hide the exit codes)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "submit" and args.space is None and len(rest) == 1 and not rest[0].startswith("-"):
+        args.space = rest[0]  # `submit --tune JOB --set k=v SPACE`: argparse takes the optional SPACE as absent
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command in ("status", "logs", "stop"):
         return _job_command(args)
     try:

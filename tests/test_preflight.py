@@ -165,5 +165,8 @@ def test_unreachable_dashboard_is_a_clean_error(root, monkeypatch, capsys, tmp_p
     nowhere = "http://127.0.0.1:1"
     assert main(["submit", "jobs/tiny-cpu.yaml", "--set", f"output_dir={tmp_path}/out", "--address", nowhere]) == 2
     assert main(["status", "fitrun-x", "--address", nowhere]) == 2
+    # SPACE after a --set is still the search space (argparse alone would call it unrecognized)
+    assert main(["submit", "--tune", "jobs/tiny-cpu.yaml", "--set", f"output_dir={tmp_path}/out",
+                 "search_spaces/tiny-cpu.yaml", "--address", nowhere]) == 2
     err = capsys.readouterr().err
-    assert err.count("no Ray dashboard answers there") == 2 and "Traceback" not in err
+    assert err.count("no Ray dashboard answers there") == 3 and "Traceback" not in err
