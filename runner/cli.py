@@ -64,14 +64,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse, validate and preflight, then one branch per command (a dispatch table would hide the exit codes)."""
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "submit" and args.space is None and len(rest) == 1 and not rest[0].startswith("-"):
         args.space = rest[0]  # `submit --tune JOB --set k=v SPACE`: argparse takes the optional SPACE as absent
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, validate and preflight, then one branch per command (a dispatch table would hide the exit codes)."""
+    args = _parse(argv)
     if args.command in ("status", "logs", "stop"):
         return _job_command(args)
     try:
