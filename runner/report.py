@@ -37,13 +37,14 @@ def summarise(job, space, inner, winner, speed, speed_source, grid_size, started
     parent.text(table, "trials.md")
     parent.table(trial_rows(inner, exclusive), "trials.json")  # the MLflow UI shows it as a table
     parent.text("\n".join(front_lines), "frontier.md")
-    ranks = rank_lines(inner, quality or {}, space.quality_steps)
+    ranks = rank_lines(inner, quality, space.quality_steps)
     print("\nthe cost of each LoRA rank (its fastest config that fits):\n" + "\n".join(ranks))
     parent.text("\n".join(ranks), "ranks.md")
-    summary["per_rank"] = {res["config"].r: res["config"].key for res in fastest_per_rank(inner)}
+    per_rank = fastest_per_rank(inner)
+    summary["per_rank"] = {res["config"].r: res["config"].key for res in per_rank}
     summary["ranks_table"] = "\n".join(ranks)
     if quality:
-        summary["eval_loss_per_rank"] = {res["config"].r: quality[res["config"].key] for res in fastest_per_rank(inner)
+        summary["eval_loss_per_rank"] = {res["config"].r: quality[res["config"].key] for res in per_rank
                                          if res["config"].key in quality}
         parent.metrics({f"eval_loss_r{r}": v for r, v in summary["eval_loss_per_rank"].items()})
     _plot(results, front, parent, out, space, winner)

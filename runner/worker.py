@@ -266,14 +266,12 @@ def train_step(net, model, batches, optimizer, scheduler, t, device, world_size)
     """One optimizer step: accumulate micro-batches, normalise by the step's label tokens, clip, step."""
     micro = [batches.next() for _ in range(t.gradient_accumulation_steps)]
     num_label_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-    trainable_tokens = num_label_tokens
+    trainable_tokens = num_label_tokens  # the step's, over every worker
     if world_size > 1:  # normalise by the global count so DDP's mean equals the full-batch loss
         counts = torch.tensor([num_label_tokens], device=device, dtype=torch.float64)
         torch.distributed.all_reduce(counts)
         trainable_tokens = int(counts.item())
-        denom = max(1.0, counts.item() / world_size)
-    else:
-        denom = max(1, num_label_tokens)
+    denom = max(1, trainable_tokens / world_size)
     _sync(device)
     start = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
