@@ -13,14 +13,12 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 from data_cache import write_conversations
 from gpu import hardware
+from multigpu import estimate
 from structure_check import run
 
 JOB = "jobs/llama3-8b-lora-24gb.yaml"
@@ -47,13 +45,7 @@ def system_metrics(db: Path) -> dict[str, float]:
 
 def estimate_wall_s() -> float:
     """`fitrun estimate` on the job, pinned to 2 cores, from a fresh process: best of 2."""
-    walls = []
-    for _ in range(2):
-        start = time.time()
-        subprocess.run([sys.executable, "-m", "runner", "estimate", JOB], capture_output=True, check=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "2"}, preexec_fn=lambda: os.sched_setaffinity(0, {0, 1}))
-        walls.append(time.time() - start)
-    return min(walls)
+    return min(estimate([])[1] for _ in range(2))
 
 
 def main() -> None:
