@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from multigpu import JOB, estimate as cli_estimate
+from multigpu import JOB, estimate as cli_estimate, write
 from runner.estimate import estimate
 from runner.spec import load_job
 
@@ -56,8 +56,7 @@ def main() -> None:
         lines.append(f"| {name} | {short_s:.2f} | {full_s:.2f} | {'yes' if same else 'NO'} |")
     walls = [cli_estimate([])[1] for _ in range(3)]
     lines += ["", f"estimate_cli_wall_s_2_cores: {min(walls):.1f} (runs: {', '.join(f'{w:.1f}' for w in walls)})"]
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write(args.out, lines)
     print("\n".join(lines))
 
 
