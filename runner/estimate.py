@@ -43,8 +43,9 @@ RESERVED_OVERHEAD = 0.049
 FUSED_SAVED_RATIO = {"compile": 0.75, "liger": 0.73}
 # Bytes per weight of a quantized frozen linear (model.quantization), from bitsandbytes' layouts:
 # nf4 packs two weights a byte, plus an 8-bit absmax per 64 weights and, double-quantized, an fp32
-# scale per 256 absmax values; int8 is one byte plus an fp32 scale per row (not counted: < 0.1%).
-# Analytic, not yet measured on a GPU.
+# scale per 256 absmax values; int8 and fp8 are one byte plus an fp32 scale per row (not counted:
+# < 0.1%). The transient: bitsandbytes dequantizes one weight at a time to the model dtype; fp8's
+# input-gradient matmul takes one weight transposed, a copy at 1 byte per weight.
 # FSDP2: whole decoder layers in memory at once besides the shards (the one running, its all-gather
 # output before the copy-out, the prefetched next one); and the blocks the caching allocator keeps
 # for the all-gather stream, which the compute stream cannot reuse, in decoder layers' worth of
@@ -52,7 +53,8 @@ FUSED_SAVED_RATIO = {"compile": 0.75, "liger": 0.73}
 # 16.44 allocated / 19.82 reserved; k=0: 19.20 / 21.73; bench/results/multigpu-2026-11-30.md).
 FSDP_GATHERED_LAYERS = 3
 FSDP_STREAM_POOL_LAYERS = 5.1
-QUANTIZED_BYTES_PER_WEIGHT = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
+QUANTIZED_BYTES_PER_WEIGHT = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0, "fp8": 1.0}
+TRANSIENT_BYTES_PER_WEIGHT = {"nf4": None, "int8": None, "fp8": 1.0}  # None: the model dtype's
 
 
 @dataclass
@@ -252,7 +254,7 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
     weights = trace.full_bytes(lambda m: (p for p in m.parameters() if not p.requires_grad))
     quantization = spec.model.quantization
     dequantized = 0
-    if quantization != "none":  # the trace holds the linears in the model dtype; bitsandbytes packs them
+    if quantization != "none":  # the trace holds the linears in the model dtype; quantization packs them
         def frozen_linears(module):
             return [m.weight for layer in decoder_layers(module) for m in layer.modules()
                     if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
@@ -262,7 +264,8 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
         peak -= linear_bytes - packed
         after_forward -= linear_bytes - packed
         forward_peak -= linear_bytes - packed
-        dequantized = max(w.numel() * dtype.itemsize for w in frozen_linears(model))  # one at a time
+        per_weight = TRANSIENT_BYTES_PER_WEIGHT[quantization] or dtype.itemsize
+        dequantized = max(w.numel() * per_weight for w in frozen_linears(model))  # one at a time
         peak += dequantized
     lora = trace.full_bytes(lambda m: (p for p in m.parameters() if p.requires_grad))
     optimizer_state = 2 * lora  # AdamW exp_avg + exp_avg_sq, in the parameters' dtype

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 
 from runner.kernels import apply_kernels, compile_layers
 from runner.loss import CausalLMLoss
+from runner.quant import BITSANDBYTES, bnb_config, quantize_fp8, quantize_linear_layers
 from runner.recompute import apply_checkpointing, check_gradient_flow, decoder_layers, lora_parameters, resolve_layers
 from runner.spec import JobSpec, LoraSpec, ModelSpec, TokenizerSpec
 
@@ -141,9 +142,12 @@ def build_trainable(spec: JobSpec, device: torch.device, vocab_size: int | None 
     meta = device.type == "meta"
     target = target or device.type
     base = build_base(spec.model, device, vocab_size, spec.training.seed, target, depth)
-    if spec.model.quantization != "none" and not meta:
-        quantize_linear_layers(base, spec.model.quantization, device)
+    quantization = spec.model.quantization
+    if quantization in BITSANDBYTES and not meta:
+        quantize_linear_layers(base, quantization, device)
     model = wrap_lora(base, spec.lora, spec.training.seed)
+    if quantization == "fp8" and not meta:
+        quantize_fp8(model)  # after LoRA: peft wraps plain linears, our fp8 ones replace its base layers
     num_layers = len(decoder_layers(model))
     ac = spec.activation_checkpointing
     layers = resolve_layers(ac, num_layers) if layers is None else layers
@@ -199,51 +203,6 @@ def build_base(spec: ModelSpec, device: torch.device, vocab_size: int | None = N
                                                     quantization_config=bnb_config(spec.quantization, dtype))
     base.config.use_cache = False
     return base
-
-
-def bnb_config(quantization: str, compute_dtype: torch.dtype):
-    """transformers' BitsAndBytesConfig for `model.quantization` (None for `none`): QLoRA's nf4 with
-    double quantization, or LLM.int8()."""
-    if quantization == "none":
-        return None
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
-def quantize_linear_layers(base: torch.nn.Module, quantization: str, device: torch.device) -> None:
-    """Quantize the decoder layers' frozen linear weights in place (bitsandbytes), as loading with
-    `bnb_config` does, for a base built with random weights; the rest of the model moves to `device`.
-    A pretrained base was quantized while loading (its linears are bitsandbytes modules already)."""
-    import bitsandbytes as bnb
-
-    if any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in base.modules()):
-        return
-    compute_dtype = next(base.parameters()).dtype
-    for layer in decoder_layers(base):
-        for name, child in list(layer.named_modules()):
-            if not isinstance(child, torch.nn.Linear):
-                continue
-            parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
-            if quantization == "nf4":
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
-                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True)
-            else:
-                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
-                                        has_fp16_weights=False)
-                q.weight = bnb.nn.Int8Params(child.weight.data, requires_grad=False, has_fp16_weights=False)
-            if child.bias is not None:
-                q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
-            setattr(parent, name.rsplit(".", 1)[-1], q.to(device))  # bitsandbytes quantizes on the move
-            del child
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the bf16 weights' blocks
-    base.is_loaded_in_4bit, base.is_loaded_in_8bit = quantization == "nf4", quantization == "int8"
 
 
 def wrap_lora(base: torch.nn.Module, lora: LoraSpec, seed: int = 0) -> PeftModel:

@@ -41,7 +41,7 @@ class Config:
                                {"model": "-bf16adapters", "mixed": "-mixedadapters"})
     offload: bool = lever("activation_checkpointing.offload", "activation_checkpointing.offloads", False,
                           {True: "-offload"})
-    quantization: str = lever("model.quantization", "quantizations", "none", {"nf4": "-nf4", "int8": "-int8"})
+    quantization: str = lever("model.quantization", "quantizations", "none", {"nf4": "-nf4", "int8": "-int8", "fp8": "-fp8"})
     parallelism: str = lever("resources.parallelism", "parallelisms", "ddp", {"fsdp": "-fsdp"})
 
     @property

@@ -47,10 +47,12 @@ class ModelSpec(_Strict):
     """Weight and compute dtype; `auto` is bfloat16 on GPU and float32 on CPU."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel, as transformers names it."""
-    quantization: Literal["none", "nf4", "int8"] = "none"
-    """Frozen base weights quantized by bitsandbytes (QLoRA): `nf4` (4-bit NormalFloat, double
-    quantization, compute in the model dtype) or `int8`; LoRA adapters stay in their own dtype.
-    CUDA only (`pip install bitsandbytes`)."""
+    quantization: Literal["none", "nf4", "int8", "fp8"] = "none"
+    """Frozen base weights in fewer bytes; LoRA adapters stay in their own dtype. `nf4` (4-bit
+    NormalFloat, double quantization, compute in the model dtype) and `int8` are bitsandbytes' (QLoRA),
+    CUDA only (`pip install bitsandbytes`). `fp8` keeps the decoder layers' linears in float8 e4m3
+    with a scale per row and runs their matmuls on fp8 tensor cores (compute capability 8.9+: L4,
+    RTX 4090, H100, H200); it also runs, slowly, on CPU."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
@@ -236,12 +238,13 @@ class JobSpec(_Strict):
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobSpec":
         problems = []
-        if self.model.quantization != "none" and not self.resources.use_gpu:
+        if self.model.quantization in ("nf4", "int8") and not self.resources.use_gpu:
             problems.append(f"model.quantization: {self.model.quantization} runs bitsandbytes kernels: it needs "
                             "resources.use_gpu: true")
         if self.resources.parallelism == "fsdp" and self.model.quantization != "none":
-            problems.append("resources.parallelism: fsdp with model.quantization: bitsandbytes' packed weights do not "
-                            "survive FSDP2's sharding here; use parallelism: ddp for a quantized base")
+            problems.append("resources.parallelism: fsdp with model.quantization: quantized frozen weights (packed "
+                            "4-bit, int8, fp8 with scales) are not sharded by FSDP2 here; use parallelism: ddp for a "
+                            "quantized base")
         if self.resources.gpu_memory_gib is not None and not self.resources.use_gpu:
             problems.append("resources.gpu_memory_gib needs resources.use_gpu: true")
         liger = [f for f, on in (("training.kernels: liger", self.training.kernels == "liger"),
@@ -307,7 +310,7 @@ class SearchSpaceSpec(_Strict):
     """LoRA ranks to try; default: the job's."""
     adapter_dtypes: list[Literal["float32", "model", "mixed"]] | None = None
     """LoRA adapter dtypes to try (default: the job's); `mixed` and `model` save memory (see lora.adapter_dtype)."""
-    quantizations: list[Literal["none", "nf4", "int8"]] | None = None
+    quantizations: list[Literal["none", "nf4", "int8", "fp8"]] | None = None
     """Base-weight quantizations to try (default: the job's; see model.quantization)."""
     parallelisms: list[Literal["ddp", "fsdp"]] | None = None
     """With several workers: data-parallel strategies to try (default: the job's; see resources.parallelism)."""
@@ -377,7 +380,7 @@ def check_space(job: JobSpec, space: SearchSpaceSpec, num_layers: int) -> None:
                             f"got {min(ks)}..{max(ks)}")
     if space.gpu_memory_gib is None:
         problems.append("gpu_memory_gib: set a ceiling (in the space file or with --gpu-memory-gib)")
-    quantized = [q for q in (space.quantizations or []) if q != "none"]
+    quantized = [q for q in (space.quantizations or []) if q in ("nf4", "int8")]
     if quantized and not job.resources.use_gpu:
         problems.append(f"quantizations: {quantized} need resources.use_gpu: true in the job")
     if "fsdp" in (space.parallelisms or []) and job.resources.num_workers < 2:

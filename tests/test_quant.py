@@ -1,0 +1,80 @@
+"""fp8 frozen base weights (model.quantization: fp8) on CPU: the same loss and gradients as the
+model-dtype path to fp8's precision, one byte per weight, and an adapter in plain PEFT format that
+loads onto an unquantized base. bitsandbytes' nf4/int8 need CUDA (measured in bench/quant.py)."""
+
+import torch
+from conftest import tiny_batch
+
+from runner.estimate import estimate
+from runner.model import build_base, build_trainable
+from runner.quant import Fp8Linear
+from runner.recompute import lora_parameters
+from runner.spec import load_job
+
+
+def _trainable(root, quantization: str, *extra: str):
+    spec = load_job(root / "jobs/tiny-cpu.yaml", [f"model.quantization={quantization}", "model.dtype=bfloat16", *extra])
+    trainable = build_trainable(spec, torch.device("cpu"))
+    with torch.no_grad():  # non-zero B: A's gradients carry information too
+        for name, p in lora_parameters(trainable.model).items():
+            if "lora_B" in name:
+                p.normal_(std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    return spec, trainable
+
+
+def _loss_and_grads(trainable, seq: int = 64):
+    batch = tiny_batch(batch=2, seq=seq)
+    loss = trainable.net(batch["input_ids"], batch["labels"]) / batch["labels"].numel()
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.float() for n, p in lora_parameters(trainable.model).items()}
+
+
+def test_fp8_base_trains_like_the_model_dtype_base(root):
+    _, plain = _trainable(root, "none")
+    _, fp8 = _trainable(root, "fp8")
+    fp8_linears = [m for m in fp8.model.modules() if isinstance(m, Fp8Linear)]
+    assert len(fp8_linears) == 4 * 7  # every frozen linear of the 4 decoder layers
+    assert {m.weight.dtype for m in fp8_linears} == {torch.float8_e4m3fn}
+    assert {p.dtype for p in lora_parameters(fp8.model).values()} == {torch.float32}  # adapters untouched
+    assert fp8.model.get_base_model().lm_head.weight.dtype == torch.bfloat16
+
+    loss_ref, ref = _loss_and_grads(plain)
+    loss, got = _loss_and_grads(fp8)
+    assert abs(loss - loss_ref) / loss_ref < 1e-3
+    assert ref.keys() == got.keys()
+    for name in ref:
+        assert got[name].abs().sum() > 0, name
+        cosine = torch.nn.functional.cosine_similarity(got[name].flatten(), ref[name].flatten(), dim=0)
+        assert cosine > 0.98, (name, float(cosine))
+
+
+def test_fp8_takes_any_number_of_rows(root):
+    """fp8 matmuls need row counts divisible by 16; unpacked micro-batches have ragged lengths."""
+    _, fp8 = _trainable(root, "fp8")
+    loss, grads = _loss_and_grads(fp8, seq=13)
+    assert loss > 0 and all(g.isfinite().all() for g in grads.values())
+
+
+def test_fp8_adapter_is_plain_peft_and_loads_onto_an_unquantized_base(root, tmp_path):
+    from peft import PeftModel
+
+    spec, fp8 = _trainable(root, "fp8")
+    fp8.model.save_pretrained(tmp_path / "adapter")  # what runner.state saves at a checkpoint
+    base = build_base(spec.model.model_copy(update={"quantization": "none"}), torch.device("cpu"), seed=spec.training.seed)
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    saved = lora_parameters(fp8.model)
+    restored = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert restored.keys() == saved.keys()
+    for name, p in saved.items():
+        assert torch.equal(restored[name].float(), p.detach().float()), name
+
+
+def test_estimate_counts_one_byte_per_fp8_weight(root):
+    job = load_job(root / "jobs/tiny-cpu.yaml", ["model.dtype=bfloat16"])
+    plain = estimate(job, "cpu").components_gib
+    fp8 = estimate(job.model_copy(update={"model": job.model.model_copy(update={"quantization": "fp8"})}),
+                   "cpu").components_gib
+    _, trainable = _trainable(root, "fp8")
+    linear_gib = sum(m.weight.numel() for m in trainable.model.modules() if isinstance(m, Fp8Linear)) / 1024**3
+    assert abs((plain["weights"] - fp8["weights"]) - linear_gib) < 1e-9  # 2 bytes -> 1 byte each
+    assert fp8["dequantized_weight"] > 0
