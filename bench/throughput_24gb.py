@@ -33,10 +33,7 @@ def flops_per_token(seq: int) -> float:
 def seed_recipe(steps: int, accum: int) -> dict:
     """The seed recipe, exactly: HF Trainer, gradient checkpointing (non-reentrant), bf16, adamw_torch."""
     import torch
-    from datasets import Dataset
-    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-    from runner.data import tokenize
     from runner.model import build_model, build_tokenizer
     from runner.spec import load_job
 
@@ -45,17 +42,29 @@ def seed_recipe(steps: int, accum: int) -> dict:
         torch.cuda.set_per_process_memory_fraction(CAP_GIB * GIB / torch.cuda.get_device_properties(0).total_memory)
     spec = load_job(JOB, ["model.init=random"])
     tok = build_tokenizer(spec.tokenizer, spec.model)
-    rows = tokenize(spec.data, tok, seed=0).train
     model = build_model(spec.model, spec.lora, torch.device("cuda" if cuda else "cpu"), len(tok), seed=0)
-    # The exact micro-batch order fitrun's worker uses (seed 0), read sequentially by the Trainer,
-    # so the losses of the two paths are comparable step by step.
-    from runner.data import MicroBatches
+    return hf_trainer(model, ordered_rows(spec, tok, steps * accum), accum, steps, spec.data.sequence_len)
 
-    order = MicroBatches(rows, 1, tok.pad_token_id, spec.training.seed)
-    ordered = []
-    for _ in range(steps * accum):
-        ordered.append({k: v[0].tolist() for k, v in order.next().items()})
-    ds = Dataset.from_list(ordered)
+
+def ordered_rows(spec, tok, count: int) -> list[dict]:
+    """The first `count` micro-batches (of one row) in the exact order fitrun's worker reads them
+    (seed 0), so a Trainer reading them sequentially sees what fitrun sees, step by step."""
+    from runner.data import MicroBatches, tokenize
+
+    order = MicroBatches(tokenize(spec.data, tok, seed=0).train, 1, tok.pad_token_id, spec.training.seed)
+    return [{k: v[0].tolist() for k, v in order.next().items()} for _ in range(count)]
+
+
+def hf_trainer(model, rows: list[dict], accum: int, steps: int, seq: int, gradient_checkpointing: bool = True,
+               **extra_args) -> dict:
+    """`steps` optimizer steps of HF Trainer over `rows` in order (micro-batch 1, bf16, adamw_torch,
+    non-reentrant gradient checkpointing): tokens/s between the first and the last step, peak
+    reserved memory, the losses."""
+    import torch
+    from datasets import Dataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+    cuda = torch.cuda.is_available()
     times = []
 
     class Clock(TrainerCallback):
@@ -65,22 +74,24 @@ def seed_recipe(steps: int, accum: int) -> dict:
             times.append(time.perf_counter())
 
     args = TrainingArguments(output_dir="/tmp/seed", per_device_train_batch_size=1, gradient_accumulation_steps=accum,
-                             bf16=cuda, gradient_checkpointing=True, use_cpu=not cuda,
+                             bf16=cuda, gradient_checkpointing=gradient_checkpointing, use_cpu=not cuda,
                              gradient_checkpointing_kwargs={"use_reentrant": False}, optim="adamw_torch",
                              learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0, max_steps=steps,
                              logging_steps=1, save_strategy="no", report_to=[], seed=0, max_grad_norm=1.0,
-                             dataloader_drop_last=True)
+                             dataloader_drop_last=True, **extra_args)
+
     class InOrder(Trainer):
         def _get_train_sampler(self, *a, **kw):
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
-    trainer = InOrder(model=model, args=args, train_dataset=ds, data_collator=default_data_collator, callbacks=[Clock()])
+    trainer = InOrder(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=default_data_collator,
+                      callbacks=[Clock()])
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     step_s = (times[-1] - times[0]) / (len(times) - 1)
-    return {"tokens_per_s": accum * spec.data.sequence_len / step_s,
+    return {"tokens_per_s": accum * seq / step_s,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else 0.0, "loss": losses[-1],
             "losses": losses}
 
