@@ -45,7 +45,8 @@ FUSED_SAVED_RATIO = {"compile": 0.75, "liger": 0.73}
 # nf4 packs two weights a byte, plus an 8-bit absmax per 64 weights and, double-quantized, an fp32
 # scale per 256 absmax values; int8 and fp8 are one byte plus an fp32 scale per row (not counted:
 # < 0.1%). The transient: bitsandbytes dequantizes one weight at a time to the model dtype; fp8's
-# input-gradient matmul takes one weight transposed, a copy at 1 byte per weight.
+# input-gradient matmul takes one weight transposed, a copy at 1 byte per weight. Measured on the
+# 8B (bench/results/quant-2026-11-30.md): fp8 -1.5..+1.8%, nf4 -1.4..+2.4% of the peak reserved.
 # FSDP2: whole decoder layers in memory at once besides the shards (the one running, its all-gather
 # output before the copy-out, the prefetched next one); and the blocks the caching allocator keeps
 # for the all-gather stream, which the compute stream cannot reuse, in decoder layers' worth of

@@ -289,16 +289,35 @@ def test_quantization_is_one_more_search_dimension(root, monkeypatch, tmp_path):
     monkeypatch.chdir(root)
     job = load_job("jobs/llama3-8b-lora.yaml")
     space = tmp_path / "space.yaml"
-    space.write_text("gpu_memory_gib: 16\nquantizations: [none, nf4]\nactivation_checkpointing: {k: [0, 32]}\n")
+    space.write_text("gpu_memory_gib: 16\nquantizations: [none, nf4, fp8]\nactivation_checkpointing: {k: [0, 32]}\n")
     columns, ks = expand(job, load_search_space(space), num_layers=32)
-    assert len(columns) == 2 and ks == [0, 32]
-    assert {c.at_k(4).key for c in columns} == {"r16-mb1-acc16-first-k4", "r16-mb1-acc16-first-nf4-k4"}
-    nf4 = next(c for c in columns if c.quantization == "nf4")
-    assert apply_config(job, nf4.at_k(4), "2*r").model.quantization == "nf4"
+    assert len(columns) == 3 and ks == [0, 32]
+    assert {c.at_k(4).key for c in columns} == {"r16-mb1-acc16-first-k4", "r16-mb1-acc16-first-nf4-k4",
+                                                "r16-mb1-acc16-first-fp8-k4"}
+    for quantization in ("nf4", "fp8"):
+        column = next(c for c in columns if c.quantization == quantization)
+        assert apply_config(job, column.at_k(4), "2*r").model.quantization == quantization
     cpu_space = tmp_path / "cpu.yaml"
     cpu_space.write_text("gpu_memory_gib: 1\nquantizations: [nf4]\n")
-    with pytest.raises(SpecError, match="quantizations"):
+    with pytest.raises(SpecError, match="quantizations"):  # bitsandbytes needs CUDA; fp8 also runs on CPU
         expand(load_job("jobs/tiny-cpu.yaml"), load_search_space(cpu_space), num_layers=4)
+    cpu_space.write_text("gpu_memory_gib: 1\nquantizations: [none, fp8]\n")
+    assert len(expand(load_job("jobs/tiny-cpu.yaml"), load_search_space(cpu_space), num_layers=4)[0]) == 2
+
+
+@pytest.mark.parametrize("ceiling", ["16gb", "24gb"])
+def test_shipped_quantization_spaces_and_jobs_fit_their_ceiling(root, monkeypatch, ceiling):
+    """The shipped quantized jobs are predicted to fit their cards, and the spaces that tune them expand."""
+    from runner.estimate import estimate
+
+    monkeypatch.chdir(root)
+    job = load_job("jobs/llama3-8b-lora.yaml", ["model.init=random", "lora.adapter_dtype=mixed", "training.compile=true"])
+    space = load_search_space(f"search_spaces/fit-{ceiling}-quant.yaml")
+    columns, _ = expand(job, space, num_layers=32)
+    assert {c.quantization for c in columns} == set(space.quantizations)
+    shipped = load_job(f"jobs/llama3-8b-lora-{ceiling.replace('24gb', '24gb-fp8')}.yaml", ["model.init=random"])
+    assert shipped.model.quantization == "fp8"
+    assert estimate(shipped, "cuda").peak_reserved_gib <= space.gpu_memory_gib == shipped.resources.gpu_memory_gib
 
 
 def test_searcher_state_round_trips_through_json():
