@@ -20,6 +20,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from runner.quant import Fp8Linear
 from runner.recompute import decoder_layers
 
 
@@ -45,6 +46,11 @@ def distribute(net: torch.nn.Module, model: torch.nn.Module, parallelism: str, d
     # FITRUN_DDP_GRAPH_SPLIT=1 keeps dynamo's default, for the A/B arm of bench/multigpu.py.
     dynamo.config.optimize_ddp = os.environ.get("FITRUN_DDP_GRAPH_SPLIT") == "1"
     ids = [device.index] if device.type == "cuda" else None
+    # fp8 weights cannot be broadcast (gloo and older NCCL have no fp8 type) and need not be: every
+    # rank quantized the same weights (one seed, or one pretrained checkpoint).
+    fp8 = [f"{prefix}.{name}" for prefix, m in net.named_modules() if isinstance(m, Fp8Linear)
+           for name, _ in [*m.named_parameters(), *m.named_buffers()]]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(net, fp8)
     wrapped = DistributedDataParallel(net, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the parameter broadcast's 250 MB flat buckets

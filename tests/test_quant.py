@@ -2,6 +2,8 @@
 model-dtype path to fp8's precision, one byte per weight, and an adapter in plain PEFT format that
 loads onto an unquantized base. bitsandbytes' nf4/int8 need CUDA (measured in bench/quant.py)."""
 
+from dataclasses import replace
+
 import torch
 from conftest import tiny_batch
 
@@ -78,3 +80,20 @@ def test_estimate_counts_one_byte_per_fp8_weight(root):
     linear_gib = sum(m.weight.numel() for m in trainable.model.modules() if isinstance(m, Fp8Linear)) / 1024**3
     assert abs((plain["weights"] - fp8["weights"]) - linear_gib) < 1e-9  # 2 bytes -> 1 byte each
     assert fp8["dequantized_weight"] > 0
+
+
+def test_fp8_base_wraps_in_ddp(root):
+    """DDP broadcasts parameters at wrap time and no backend has an fp8 type (gloo: 'Invalid scalar
+    type'); the fp8 weights are left out of it: every rank quantized the same weights."""
+    import torch.distributed as dist
+
+    from runner.parallel import distribute
+
+    _, fp8 = _trainable(root, "fp8")
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        net = distribute(fp8.net, fp8.model, "ddp", torch.device("cpu"))
+        _, grads = _loss_and_grads(replace(fp8, net=net))
+        assert all(g.abs().sum() > 0 for g in grads.values())
+    finally:
+        dist.destroy_process_group()
