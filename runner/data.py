@@ -13,9 +13,9 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset, load_dataset
 
+from runner.loss import IGNORE
 from runner.spec import DataSpec
 
-IGNORE = -100
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from runner.data import IGNORE
+IGNORE = -100  # the label of positions that carry no loss (HF's ignore_index)
 
 
 class CausalLMLoss(torch.nn.Module):
