@@ -285,7 +285,7 @@ def _quality_runs(finalists: list[Config], job: JobSpec, space: SearchSpaceSpec,
     the same tokens, in the same order, from the same seed), one at a time, then evaluated on the job's
     eval split: {config key: eval loss}. Each is a child run (phase `quality`); a resumed search
     reuses a finished one. Nothing when the job has no eval split."""
-    from runner.launch import make_trainer
+    from runner.launch import Stopped, make_trainer
     from runner.search import apply_config
     from runner.trial import trial_params
 
@@ -295,12 +295,16 @@ def _quality_runs(finalists: list[Config], job: JobSpec, space: SearchSpaceSpec,
           flush=True)
     experiment, losses = job.tracking.experiment_name, {}
     for c in finalists:
-        found = find_run(uri, experiment, f"tags.mlflow.parentRunId = '{parent_id}' and tags.fitrun_config = '{c.key}' "
-                                          "and tags.fitrun_phase = 'quality' and attributes.status = 'FINISHED'")
+        mine = f"tags.mlflow.parentRunId = '{parent_id}' and tags.fitrun_config = '{c.key}' and tags.fitrun_phase = 'quality'"
+        found = find_run(uri, experiment, f"{mine} and attributes.status = 'FINISHED'")
         done = RunLogger(uri, found).client.get_run(found).data.metrics if found else {}
         if "eval_loss" in done:
             losses[c.key] = done["eval_loss"]
             continue
+        stale = find_run(uri, experiment, f"{mine} and attributes.status = 'RUNNING'")
+        if stale:  # its driver died mid-run (SIGKILL): this resumed search runs it again
+            RunLogger(uri, stale).end(ok=False, status="KILLED", reason="the search's driver died during this run; "
+                                                                       "the resumed search ran it again")
         spec = apply_config(job, c, space.lora_alpha_rule)
         spec = spec.model_copy(update={
             "training": spec.training.model_copy(update={"max_steps": space.quality_steps, "save_steps": None,
@@ -312,6 +316,9 @@ def _quality_runs(finalists: list[Config], job: JobSpec, space: SearchSpaceSpec,
         logger = RunLogger(uri, run_id)
         try:
             metrics = make_trainer(spec, f"quality-{c.key}", str(storage / "train"), uri, run_id).fit().metrics or {}
+        except Stopped as e:
+            logger.end(ok=False, status="KILLED", reason=f"stopped by {e}")
+            raise
         except Exception as e:  # a finalist that fails here is reported, not fatal: the search is done
             print(f"quality run {c.key} failed: {str(e)[-300:]}", flush=True)
             logger.end(ok=False, reason=str(e)[-2000:])
