@@ -26,7 +26,7 @@ def _rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`t` (rows, cols) in fp8 with one fp32 scale per row: t ≈ q * scale. The multiplier is rounded
     to t's dtype before use, so the scale handed to the matmul is exactly its inverse."""
     amax = t.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
-    inverse = (FP8_MAX / amax).to(t.dtype)
+    inverse = (FP8_MAX / amax).clamp(max=torch.finfo(t.dtype).max).to(t.dtype)  # an all-zero row: finite
     q = (t * inverse).clamp(-FP8_MAX, FP8_MAX).to(FP8)  # out of range would cast to NaN, not saturate
     return q, inverse.float().reciprocal()
 

@@ -241,6 +241,9 @@ class JobSpec(_Strict):
         if self.model.quantization in ("nf4", "int8") and not self.resources.use_gpu:
             problems.append(f"model.quantization: {self.model.quantization} runs bitsandbytes kernels: it needs "
                             "resources.use_gpu: true")
+        if self.model.quantization == "fp8" and self.resources.use_gpu and self.model.dtype not in ("auto", "bfloat16"):
+            problems.append(f"model.quantization: fp8 computes in bfloat16 on CUDA (fp8 matmuls with row scales "
+                            f"return bf16), not {self.model.dtype}: set model.dtype: bfloat16")
         if self.resources.parallelism == "fsdp" and self.model.quantization != "none":
             problems.append("resources.parallelism: fsdp with model.quantization: quantized frozen weights (packed "
                             "4-bit, int8, fp8 with scales) are not sharded by FSDP2 here; use parallelism: ddp for a "

@@ -76,6 +76,7 @@ CASES = [
     ("unknown-key", {}, ["training.lr=0.1"], "unknown key"),
     ("val-fraction-one", {}, ["data.val_fraction=1.0"], "data.val_fraction"),
     ("quantization-on-cpu", {}, ["model.quantization=nf4"], "model.quantization"),
+    ("fp8-float32-on-gpu", {}, ["model.quantization=fp8", "resources.use_gpu=true"], "model.quantization: fp8"),
     ("liger-on-cpu", {}, ["training.kernels=liger"], "liger"),
     ("cap-without-gpu", {}, ["resources.gpu_memory_gib=8"], "gpu_memory_gib"),
     # valid inputs: each must then train
@@ -85,6 +86,7 @@ CASES = [
     ("valid-dir", {"sub/a.jsonl": jsonl([CHAT] * 12)}, ["data.path={d}/sub"], None),
     ("valid-blank-lines", {"a.jsonl": jsonl([CHAT] * 6) + "\n\n" + jsonl([CHAT] * 6)}, ["data.path={d}/a.jsonl"], None),
     ("valid-packing", {}, ["data.packing=true"], None),
+    ("valid-fp8-on-cpu", {}, ["model.quantization=fp8"], None),
     ("valid-sharegpt", {"a.jsonl": jsonl([{"conversations": [{"from": "gpt", "value": "hello"},
                                                              {"from": "human", "value": "Say hi"},
                                                              {"from": "bing", "value": "hi"}]}] * 12)},
