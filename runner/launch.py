@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 from runner.kernels import check_available
 from runner.spec import JobSpec, ResourcesSpec, SpecError, dump_yaml, flatten, job_from_dict, map_local_paths
+from runner.storage import Location, absolute, is_uri
 from runner.tracking import CREDENTIAL_ENV, RunLogger, redact, start_run, tracking_uri, without_credentials
 from runner.worker import Probe, train_loop_per_worker
 
@@ -56,7 +56,7 @@ def init_ray(address: str | None) -> None:
 def absolute_paths(spec: JobSpec) -> JobSpec:
     """Local paths become absolute so Ray workers (other cwd) read the same files."""
     raw = map_local_paths(spec.to_dict(), lambda value: str(Path(value).absolute()))
-    raw["output_dir"] = str(spec.resolved_output_dir().absolute())
+    raw["output_dir"] = absolute(spec.resolved_output_dir())
     return job_from_dict(raw, "job")
 
 
@@ -125,8 +125,9 @@ def check_cluster_storage(spec: JobSpec, uri: str) -> None:
         raise SpecError("job", [f"tracking.tracking_uri: {redact(uri)} is a store on this machine, but the Ray cluster "
                                 f"spans {len(hosts)} hosts and workers log from theirs: run an MLflow server (cluster.yaml "
                                 "starts one on the head) and set tracking.tracking_uri: http://HEAD:5000"])
-    print(f"note: {len(hosts)} hosts; output_dir {spec.output_dir} must be storage every host mounts (NFS, EFS)",
-          flush=True)
+    if not is_uri(spec.output_dir):
+        print(f"note: {len(hosts)} hosts; output_dir {spec.output_dir} must be storage every host mounts (NFS, EFS) "
+              "or an object-store URI", flush=True)
 
 
 def fit_interruptibly(trainer):
@@ -163,7 +164,7 @@ def _shutdown_ray() -> None:
         print(f"warning: ray.shutdown: {e}", flush=True)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def latest_checkpoint(run_dir: Location) -> Location | None:
     """The checkpoint Ray Train will restore: the latest one its snapshot lists (a worker that outlived
     its driver may have written a later directory that Ray never registered)."""
     snapshot = run_dir / CHECKPOINT_SNAPSHOT
@@ -204,17 +205,17 @@ def run_train(spec: JobSpec, resume: bool = True, allow_changes: bool = False) -
     written = without_credentials(spec)  # the params a user sees: paths as given, not absolute
     spec = without_credentials(absolute_paths(spec))
     check_available(spec.training)
-    out = Path(spec.output_dir)
+    out = Location(spec.output_dir)
     run_dir = out / "ray" / spec.name
     if (out / "DONE").exists() or not resume:  # a finished (or unwanted) run is not resumed: start over
-        shutil.rmtree(out / "ray", ignore_errors=True)
-        (out / "DONE").unlink(missing_ok=True)
+        (out / "ray").rmtree()
+        (out / "DONE").unlink()
     resume_from = latest_checkpoint(run_dir)
     changes = spec_changes(json.loads((out / SPEC_FILE).read_text()), spec) \
         if resume_from and (out / SPEC_FILE).exists() else []
     if changes and not allow_changes:
         raise ResumeRefused(changes, resume_from)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir()
     (out / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=1))
 
     uri = tracking_uri(spec.tracking)
@@ -246,14 +247,14 @@ def run_train(spec: JobSpec, resume: bool = True, allow_changes: bool = False) -
 
 
 class ResumeRefused(Exception):
-    def __init__(self, changes: list[str], checkpoint: Path):
+    def __init__(self, changes: list[str], checkpoint: Location):
         self.changes = changes
         lines = "\n".join(f"  - {c}" for c in changes)
         super().__init__(f"the spec changed since {checkpoint.name} was saved; resuming would mix two jobs:\n{lines}\n"
                          "Re-run with --allow-changes to resume anyway (recorded in MLflow), or --no-resume to start over.")
 
 
-def _open_run(spec: JobSpec, out: Path, uri: str, resume_from: Path | None, changes: list[str],
+def _open_run(spec: JobSpec, out: Location, uri: str, resume_from: Location | None, changes: list[str],
               written: JobSpec) -> RunLogger:
     """The job's one MLflow run: the existing one when resuming (a run its dead driver left RUNNING is
     marked as recovered), else a new one; a run with nothing to resume from is closed as KILLED."""
@@ -279,13 +280,12 @@ def _open_run(spec: JobSpec, out: Path, uri: str, resume_from: Path | None, chan
     return logger
 
 
-def _finish(result, out: Path, logger: RunLogger, predicted: float | None) -> dict[str, Any]:
+def _finish(result, out: Location, logger: RunLogger, predicted: float | None) -> dict[str, Any]:
     summary = dict(result.metrics)  # the worker's final report (it carries the final checkpoint)
     adapter = out / "adapter"
-    shutil.rmtree(adapter, ignore_errors=True)
-    with result.checkpoint.as_directory() as final:
-        shutil.copytree(Path(final) / "adapter", adapter)
-    logger.artifacts(adapter, "adapter")
+    with result.checkpoint.as_directory() as final:  # a local copy, also of a checkpoint in an object store
+        adapter.upload(Path(final) / "adapter")
+        logger.artifacts(Path(final) / "adapter", "adapter")
     logger.prediction(predicted, summary["peak_gib"])  # the worker's peak: reserved on GPU, tensor bytes on CPU
     logger.end(ok=True)
     (out / "DONE").write_text(json.dumps(summary))

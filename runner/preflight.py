@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 from runner.data import conversation_fields, normalize_conversation, required_columns
 from runner.spec import JobSpec, SpecError, looks_local
+from runner.storage import is_uri
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -241,10 +242,9 @@ def check_resources(spec: JobSpec) -> list[str]:
 
 
 def check_output(spec: JobSpec) -> list[str]:
-    out = spec.resolved_output_dir().expanduser()
-    if "://" in spec.output_dir:
-        return [f"output_dir: {spec.output_dir!r}: object-store URIs are not supported yet; use a directory on "
-                "storage every node mounts (NFS, EFS) or, on one machine, a local directory"]
+    if is_uri(spec.output_dir):
+        return _check_output_uri(spec.resolved_output_dir())
+    out = Path(spec.resolved_output_dir()).expanduser()
     existing = next(p for p in [out, *out.absolute().parents] if p.exists())
     try:  # a real write: permission bits say little to root or on read-only and virtual filesystems
         if not existing.is_dir():
@@ -255,4 +255,20 @@ def check_output(spec: JobSpec) -> list[str]:
     except OSError as e:
         return [f"output_dir: {str(out)!r} cannot be written ({existing}: {e.strerror or type(e).__name__}); "
                 "choose a writable directory"]
+    return []
+
+
+def _check_output_uri(uri: str) -> list[str]:
+    """An object-store output_dir: a real write and delete, as the job will do."""
+    from runner.storage import Location  # pyarrow.fs and MLflow's helpers: only for a URI
+    from runner.tracking import redact
+
+    try:
+        probe = Location(uri) / f".fitrun-write-check-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except Exception as e:  # pyarrow: ArrowInvalid (an unknown scheme), OSError (network, credentials, bucket)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        return [f"output_dir: {redact(uri)} cannot be written ({reason}); check the URI, the bucket and the "
+                "credentials (AWS_* / GOOGLE_APPLICATION_CREDENTIALS)"]
     return []

@@ -12,6 +12,7 @@ from typing import Any
 
 from runner.search import apply_config, pareto
 from runner.spec import dump_yaml, job_from_dict, map_local_paths
+from runner.storage import Location, is_uri
 from runner.tracking import RunLogger
 
 
@@ -56,12 +57,13 @@ def summarise(job, space, inner, winner, speed, speed_source, grid_size, started
     c, tokens_per_s = winner["config"], speed(winner)
     header = f"# fitrun tune winner: {c.key}, {tokens_per_s:,.0f} tokens/s ({speed_source}), " \
              f"peak {winner['peak_gib']:.2f} GiB under {space.gpu_memory_gib} GiB\n"
-    path = Path(winner_path) if winner_path else out / "winner.yaml"
+    path = Location(winner_path) if winner_path else out / "winner.yaml"
     write_winner(winner_base or job, c, space.lora_alpha_rule, header, path, parent)
     parent.tags({"winner": c.key})
     parent.metrics({"winner_tokens_per_s": tokens_per_s, "winner_peak_gib": winner["peak_gib"]})
     print(f"\nwinner: {c.key}  {tokens_per_s:,.0f} tokens/s ({speed_source}), peak {winner['peak_gib']:.3f} GiB; "
-          f"job written to {path}  (fitrun train {path})")
+          f"job written to {path}  " + (f"(fitrun train {path})" if not is_uri(str(path)) else
+                                         "(a job file in the object store: copy it here, or tune with --out FILE)"))
     print(rank_choice_note(inner, c, cheapest))
     if price:
         summary.update(cost(job, tokens_per_s, price))
@@ -148,16 +150,20 @@ def trial_rows(inner, exclusive: dict[str, dict]) -> dict[str, list]:
     return {name: [row[i] for row in rows] for i, name in enumerate(TRIAL_COLUMNS)}
 
 
-def write_winner(job, c, alpha_rule: str, header: str, path: Path, parent: RunLogger) -> None:
+def write_winner(job, c, alpha_rule: str, header: str, path: Location, parent: RunLogger) -> None:
     """The winner as a ready job file (and an artifact of the search's run): the user's job (paths as
     given, its own model.init) with the config's values, under its own name and output directory, so
     running it never touches the base job's adapter, checkpoints or DONE marker."""
     raw = apply_config(job, c, alpha_rule).to_dict()
     raw["name"] = f"{job.name}-tuned"
     if "{name}" not in job.output_dir:
-        raw["output_dir"] = str(Path(job.output_dir).parent / "{name}")
-    # its paths are relative to its own folder, as in any job file
-    map_local_paths(raw, lambda value: os.path.relpath(Path(value).resolve(), path.parent.resolve()))
+        raw["output_dir"] = f"{job.output_dir.rstrip('/').rsplit('/', 1)[0]}/{{name}}" if is_uri(job.output_dir) \
+            else str(Path(job.output_dir).parent / "{name}")
+    if is_uri(str(path)):  # a job file in an object store: its local paths absolute, as this machine sees them
+        map_local_paths(raw, lambda value: str(Path(value).resolve()))
+    else:  # its paths are relative to its own folder, as in any job file
+        folder = Path(str(path)).parent.resolve()
+        map_local_paths(raw, lambda value: os.path.relpath(Path(value).resolve(), folder))
     text = header + dump_yaml(job_from_dict(raw))
     path.write_text(text)
     parent.text(text, "winner.yaml")
@@ -206,6 +212,6 @@ def _plot(results, front, parent: RunLogger, out: Path, space, winner: dict | No
     ax.legend(fontsize=7)
     ax.set_title("fitrun tune: memory vs speed")
     path = out / "frontier.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    path.save_figure(fig, dpi=110, bbox_inches="tight")
+    parent.figure(fig, path.name)
     plt.close(fig)
-    parent.artifact(path)

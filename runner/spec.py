@@ -273,8 +273,9 @@ class JobSpec(_Strict):
         t = self.training
         return t.micro_batch_size * t.gradient_accumulation_steps * self.resources.num_workers
 
-    def resolved_output_dir(self) -> Path:
-        return Path(self.output_dir.replace("{name}", self.name))
+    def resolved_output_dir(self) -> str:
+        """`output_dir` with the job's name: a local path or an object-store URI (see runner.storage)."""
+        return self.output_dir.replace("{name}", self.name)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from runner.spec import JobSpec, SpecError
+from runner.storage import absolute
 from runner.tracking import CREDENTIAL_ENV, redact, tracking_uri, without_credentials
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -59,7 +60,7 @@ def client(address: str | None):
 def durable_overrides(job: JobSpec) -> list[str]:
     """`--set` overrides that pin where a submitted job writes: absolute paths, as this machine sees them
     (a relative path would land in the job's temporary copy of the working directory)."""
-    return ["--set", f"output_dir={job.resolved_output_dir().absolute()}",
+    return ["--set", f"output_dir={absolute(job.resolved_output_dir())}",
             "--set", f"tracking.tracking_uri={tracking_uri(job.tracking)}"]
 
 
@@ -81,10 +82,10 @@ def submit(job_path: str, job: JobSpec, overrides: list[str], address: str | Non
     c.submit_job(entrypoint=shlex.join(command), submission_id=submission_id,
                  runtime_env={"working_dir": ".", "excludes": UPLOAD_EXCLUDES, "env_vars": env},
                  metadata={"fitrun_job": job.name})
-    out = job.resolved_output_dir().absolute()
+    out = absolute(job.resolved_output_dir())
     print(f"submitted {submission_id}\n"
           f"  entrypoint: {redact(shlex.join(command))}\n"
-          f"  outputs (adapter, checkpoints): {out}  (on the cluster's nodes: shared storage on a multi-node cluster)\n"
+          f"  outputs (adapter, checkpoints): {out}  (a URI, or a path on the cluster's nodes: shared storage on a multi-node cluster)\n"
           f"  follow: fitrun logs {submission_id} --follow; stop: fitrun stop {submission_id}", flush=True)
     return submission_id
 

@@ -177,8 +177,8 @@ class RunLogger:
     def artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
-    def artifact(self, local_file: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(local_file), artifact_path)
+    def figure(self, fig, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, fig, artifact_file, save_kwargs={"dpi": 110, "bbox_inches": "tight"})
 
     def status(self) -> str:
         return self.client.get_run(self.run_id).info.status

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import shutil
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any
 
 from runner.report import fastest_per_rank, summarise
 from runner.search import Config, FitSearcher, RandomSearcher, expand
 from runner.spec import JobSpec, SearchSpaceSpec, job_from_dict
+from runner.storage import Location
 from runner.tracking import RunLogger, find_run, start_run, tracking_uri, without_credentials
 from runner.trial import OUTCOME_KEYS, probe_trial
 
@@ -32,7 +31,7 @@ def tune_searcher_class():
         """Adapts a FitSearcher/RandomSearcher to Ray Tune (so Tune's concurrency applies); its state
         is one JSON file, written after every result, read back by `--resume`."""
 
-        def __init__(self, inner: FitSearcher, state_path: Path, on_result=None, on_pruned=None):
+        def __init__(self, inner: FitSearcher, state_path: Location, on_result=None, on_pruned=None):
             super().__init__(metric="score", mode="max")
             self.inner, self.state_path, self.on_result, self.on_pruned = inner, state_path, on_result, on_pruned
             self.finished = False
@@ -72,10 +71,10 @@ def tune_searcher_class():
                 self.on_result(c, res)
 
         def save(self, checkpoint_path: str):
-            Path(checkpoint_path).write_text(json.dumps(self.inner.state_dict()))
+            Location(checkpoint_path).write_text(json.dumps(self.inner.state_dict()))
 
         def restore(self, checkpoint_path: str):
-            self.inner.load_state_dict(json.loads(Path(checkpoint_path).read_text()))
+            self.inner.load_state_dict(json.loads(Location(checkpoint_path).read_text()))
 
     return TuneFitSearcher
 
@@ -137,7 +136,7 @@ def _card_gib() -> float:
         return torch.cuda.get_device_properties(0).total_memory / GIB
 
 
-def _trainable(job: JobSpec, space: SearchSpaceSpec, uri: str, parent_id: str, storage: Path, exclusive: bool):
+def _trainable(job: JobSpec, space: SearchSpaceSpec, uri: str, parent_id: str, storage: Location, exclusive: bool):
     import ray.tune
 
     return ray.tune.with_resources(
@@ -189,9 +188,9 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
     check_available(job.training)
     num_layers = model_config(job.model, allow_builtin=True).num_hidden_layers
     columns, ks = expand(job, space, num_layers)  # raises SpecError before anything runs
-    out = Path(job.output_dir)
+    out = Location(job.output_dir)
     storage = out / "tune"
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir()
     uri = tracking_uri(job.tracking)
     parent_file, state_file = out / "tune_parent_run_id", out / STATE_FILE
     started = datetime.datetime.now()
@@ -213,8 +212,8 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
         print(f"resuming search: {len(inner.results)} trials done, {len(inner.pruned)} pruned", flush=True)
     else:
         for f in (parent_file, state_file):
-            f.unlink(missing_ok=True)
-        shutil.rmtree(storage, ignore_errors=True)
+            f.unlink()
+        storage.rmtree()
         parent_id = start_run(uri, job.tracking.experiment_name, f"tune-{job.name}",
                               params={"space": space.model_dump(mode="json"), "job": job.name,
                                       "ceiling_gib": space.gpu_memory_gib}, tags={"fitrun.kind": "tune"})
@@ -233,7 +232,7 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
         _trainable(job, space, uri, parent_id, storage, exclusive=False),
         tune_config=ray.tune.TuneConfig(search_alg=searcher, num_samples=grid_size,
                                         max_concurrent_trials=n_concurrent, reuse_actors=False),
-        run_config=ray.tune.RunConfig(name=f"search-{len(list(storage.glob('search-*')))}", storage_path=str(storage),
+        run_config=ray.tune.RunConfig(name=f"search-{len(storage.names('search-'))}", storage_path=str(storage),
                                       failure_config=ray.tune.FailureConfig(max_failures=0), verbose=1),
     )
     tuner.fit()
@@ -280,7 +279,7 @@ def _rank_finalists(inner, job, space, uri, parent_id, storage, n_concurrent, ex
 
 
 def _quality_runs(finalists: list[Config], job: JobSpec, space: SearchSpaceSpec, uri: str, parent_id: str,
-                  storage: Path) -> dict[str, float]:
+                  storage: Location) -> dict[str, float]:
     """Each rank's finalist trained `space.quality_steps` optimizer steps at the job's global batch (so
     the same tokens, in the same order, from the same seed), one at a time, then evaluated on the job's
     eval split: {config key: eval loss}. Each is a child run (phase `quality`); a resumed search
@@ -331,7 +330,7 @@ def _quality_runs(finalists: list[Config], job: JobSpec, space: SearchSpaceSpec,
 
 
 def _run_exclusive(configs: list[Config], job: JobSpec, space: SearchSpaceSpec, uri: str, parent_id: str,
-                   storage: Path) -> dict[str, dict]:
+                   storage: Location) -> dict[str, dict]:
     """Re-measure configs one at a time (full GPU share) for speed without contention."""
     import ray.tune
     from ray.tune.search import BasicVariantGenerator

@@ -87,6 +87,8 @@ CASES = [
     ("valid-blank-lines", {"a.jsonl": jsonl([CHAT] * 6) + "\n\n" + jsonl([CHAT] * 6)}, ["data.path={d}/a.jsonl"], None),
     ("valid-packing", {}, ["data.packing=true"], None),
     ("valid-fp8-on-cpu", {}, ["model.quantization=fp8"], None),
+    ("valid-output-uri", {}, ["output_dir=file://{d}/out"], None),
+    ("output-uri-unknown-scheme", {}, ["output_dir=nope://bucket/out"], "output_dir: nope://bucket/out cannot be written"),
     ("valid-sharegpt", {"a.jsonl": jsonl([{"conversations": [{"from": "gpt", "value": "hello"},
                                                              {"from": "human", "value": "Say hi"},
                                                              {"from": "bing", "value": "hi"}]}] * 12)},

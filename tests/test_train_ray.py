@@ -57,19 +57,24 @@ def test_final_adapter_loads_with_peft(finished):
 
 
 def test_crash_then_resume_matches_uninterrupted_run(root, finished, tmp_path):
+    """Also with output_dir as a URI (file://: pyarrow's filesystem, as for s3:// or gs://): the resume
+    finds its checkpoint, spec and MLflow run there."""
     ref_tmp, _ = finished
-    crashed = fitrun_train(root, tmp_path, env={"FITRUN_CRASH_AFTER_STEP": "6"})
+    uri = ["--set", f"output_dir=file://{tmp_path}/out"]
+    crashed = fitrun_train(root, tmp_path, *uri, env={"FITRUN_CRASH_AFTER_STEP": "6"})
     assert crashed.returncode != 0 and "simulated crash" in crashed.stdout + crashed.stderr
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("fitrun-tiny").experiment_id])
     assert run.info.status == "FAILED"
 
-    resumed = fitrun_train(root, tmp_path)
+    resumed = fitrun_train(root, tmp_path, *uri)
     log = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, log[-3000:]
     assert "at step 4" in log and "step     2/8" not in log
     runs = client.search_runs([client.get_experiment_by_name("fitrun-tiny").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one MLflow run per job, across restarts
+    assert (tmp_path / "out/DONE").exists() and (tmp_path / "out/ray/tiny-cpu").is_dir()
+    assert f"file://{tmp_path}/out/adapter" in log
     ref, got = _adapter(ref_tmp / "out/adapter"), _adapter(tmp_path / "out/adapter")
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-7, msg=k)

@@ -173,7 +173,7 @@ def test_cpu_search_matches_brute_force(root, tmp_path, mlflow_server):
     winner = load_job(tmp_path / "out/winner.yaml")  # a ready job file
     # Portable: paths as the job file gives them, its own name and outputs (never the base job's).
     assert winner.name == "tiny-cpu-tuned" and winner.data.path == "data/instructions.messages.jsonl"
-    assert winner.resolved_output_dir() == tmp_path / "tiny-cpu-tuned"
+    assert winner.resolved_output_dir() == str(tmp_path / "tiny-cpu-tuned")
     w = Config(winner.lora.r, winner.training.micro_batch_size, winner.training.gradient_accumulation_steps,
                winner.activation_checkpointing.placement, winner.activation_checkpointing.count,
                policy=winner.activation_checkpointing.policy, adapter_dtype=winner.lora.adapter_dtype)
