@@ -12,7 +12,7 @@ from typing import Any
 
 from runner.search import apply_config, pareto
 from runner.spec import dump_yaml, job_from_dict, map_local_paths
-from runner.storage import Location, is_uri
+from runner.storage import Location, is_uri, sibling
 from runner.tracking import RunLogger
 
 
@@ -157,8 +157,7 @@ def write_winner(job, c, alpha_rule: str, header: str, path: Location, parent: R
     raw = apply_config(job, c, alpha_rule).to_dict()
     raw["name"] = f"{job.name}-tuned"
     if "{name}" not in job.output_dir:
-        raw["output_dir"] = f"{job.output_dir.rstrip('/').rsplit('/', 1)[0]}/{{name}}" if is_uri(job.output_dir) \
-            else str(Path(job.output_dir).parent / "{name}")
+        raw["output_dir"] = sibling(job.output_dir, "{name}")
     if is_uri(str(path)):  # a job file in an object store: its local paths absolute, as this machine sees them
         map_local_paths(raw, lambda value: str(Path(value).resolve()))
     else:  # its paths are relative to its own folder, as in any job file

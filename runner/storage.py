@@ -19,6 +19,14 @@ def absolute(location: str) -> str:
     return location if is_uri(location) else str(Path(location).expanduser().absolute())
 
 
+def sibling(location: str, name: str) -> str:
+    """`location`'s neighbour called `name` (the same folder; a URI keeps its options)."""
+    if not is_uri(location):
+        return str(Path(location).parent / name)
+    base, _, options = location.partition("?")
+    return f"{base.rstrip('/').rsplit('/', 1)[0]}/{name}" + (f"?{options}" if options else "")
+
+
 class Location:
     """A file or directory under a job's output root, local or remote, with the few path operations
     fitrun needs (pathlib's names, so that the code reads the same for both)."""
@@ -26,14 +34,16 @@ class Location:
     def __init__(self, location: str):
         import pyarrow.fs
 
-        self.uri = absolute(location).rstrip("/")
+        base, _, self.options = absolute(location).partition("?")  # s3://b/x?endpoint_override=...&scheme=http
+        self.base = base.rstrip("/")
+        self.uri = f"{self.base}?{self.options}" if self.options else self.base
         if is_uri(self.uri):
             self.fs, self.path = pyarrow.fs.FileSystem.from_uri(self.uri)
         else:
             self.fs, self.path = pyarrow.fs.LocalFileSystem(), self.uri
 
     def __truediv__(self, name: str) -> Location:
-        return Location(f"{self.uri}/{name}")
+        return Location(f"{self.base}/{name}" + (f"?{self.options}" if self.options else ""))
 
     def __str__(self) -> str:
         return self.uri
@@ -43,7 +53,7 @@ class Location:
 
     @property
     def name(self) -> str:
-        return self.uri.rsplit("/", 1)[-1]
+        return self.base.rsplit("/", 1)[-1]
 
     def _type(self):
         return self.fs.get_file_info(self.path).type

@@ -122,6 +122,34 @@ def mlflow_server(tmp_path):
         p.kill()
 
 
+@pytest.fixture()
+def s3_bucket(tmp_path):
+    """An S3-compatible server (moto_server) on 127.0.0.1, stopped by PID: (output_dir URI for pyarrow and
+    Ray Train, the credentials env). pyarrow creates the bucket on the first write."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
+            time.sleep(0.5)
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_EC2_METADATA_DISABLED": "true"}
+    uri = (f"s3://fitrun/{tmp_path.name}/out?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+           "&allow_bucket_creation=true")
+    yield uri, env
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 # The tiny job through the CLI, as a user runs it (test_train_ray, test_parallel).
 STEPS = ["--set", "training.max_steps=8", "--set", "training.save_steps=4", "--set", "training.eval_steps=4",
          "--set", "training.logging_steps=2"]

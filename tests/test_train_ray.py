@@ -56,25 +56,35 @@ def test_final_adapter_loads_with_peft(finished):
     assert any(float(v.abs().sum()) > 0 for k, v in saved.items() if "lora_B" in k)  # it trained
 
 
-def test_crash_then_resume_matches_uninterrupted_run(root, finished, tmp_path):
-    """Also with output_dir as a URI (file://: pyarrow's filesystem, as for s3:// or gs://): the resume
-    finds its checkpoint, spec and MLflow run there."""
+def test_crash_then_resume_matches_uninterrupted_run(root, finished, tmp_path, s3_bucket, monkeypatch):
+    """With output_dir in an object store (S3, served on 127.0.0.1): checkpoints, the spec, the MLflow
+    run id and the adapter go there, and the resume finds them there."""
+    import pyarrow.fs
+
+    from runner.storage import Location
+
     ref_tmp, _ = finished
-    uri = ["--set", f"output_dir=file://{tmp_path}/out"]
-    crashed = fitrun_train(root, tmp_path, *uri, env={"FITRUN_CRASH_AFTER_STEP": "6"})
+    uri, credentials = s3_bucket
+    for key, value in credentials.items():
+        monkeypatch.setenv(key, value)
+    output = ["--set", f"output_dir={uri}"]
+    crashed = fitrun_train(root, tmp_path, *output, env={"FITRUN_CRASH_AFTER_STEP": "6"})
     assert crashed.returncode != 0 and "simulated crash" in crashed.stdout + crashed.stderr
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("fitrun-tiny").experiment_id])
     assert run.info.status == "FAILED"
 
-    resumed = fitrun_train(root, tmp_path, *uri)
+    resumed = fitrun_train(root, tmp_path, *output)
     log = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, log[-3000:]
     assert "at step 4" in log and "step     2/8" not in log
     runs = client.search_runs([client.get_experiment_by_name("fitrun-tiny").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one MLflow run per job, across restarts
-    assert (tmp_path / "out/DONE").exists() and (tmp_path / "out/ray/tiny-cpu").is_dir()
-    assert f"file://{tmp_path}/out/adapter" in log
-    ref, got = _adapter(ref_tmp / "out/adapter"), _adapter(tmp_path / "out/adapter")
+    out = Location(uri)
+    assert (out / "DONE").exists() and (out / "ray" / "tiny-cpu").names("checkpoint_0") == ["checkpoint_000004",
+                                                                                           "checkpoint_000008"]
+    assert not (tmp_path / "out").exists()  # nothing written locally
+    pyarrow.fs.copy_files((out / "adapter").path, str(tmp_path / "adapter"), source_filesystem=out.fs)
+    ref, got = _adapter(ref_tmp / "out/adapter"), _adapter(tmp_path / "adapter")
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-7, msg=k)
