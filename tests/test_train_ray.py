@@ -84,6 +84,7 @@ def test_crash_then_resume_matches_uninterrupted_run(root, finished, tmp_path, s
     assert (out / "DONE").exists() and (out / "ray" / "tiny-cpu").names("checkpoint_0") == ["checkpoint_000004",
                                                                                            "checkpoint_000008"]
     assert not (tmp_path / "out").exists()  # nothing written locally
+    (tmp_path / "adapter").mkdir()
     pyarrow.fs.copy_files((out / "adapter").path, str(tmp_path / "adapter"), source_filesystem=out.fs)
     ref, got = _adapter(ref_tmp / "out/adapter"), _adapter(tmp_path / "adapter")
     for k in ref:
