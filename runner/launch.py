@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from runner.kernels import check_available
-from runner.spec import JobSpec, ResourcesSpec, SpecError, dump_yaml, flatten, job_from_dict, map_local_paths
+from runner.spec import (JobSpec, ResourcesSpec, SpecError, dump_yaml, flatten, job_from_dict, map_local_paths,
+                         redact)
 from runner.storage import Location, absolute, is_uri
-from runner.tracking import CREDENTIAL_ENV, RunLogger, redact, start_run, tracking_uri, without_credentials
+from runner.tracking import CREDENTIAL_ENV, RunLogger, start_run, tracking_uri, without_credentials
 from runner.worker import Probe, train_loop_per_worker
 
 SPEC_FILE = "job.resolved.json"  # the spec a run started with: a resume must match it

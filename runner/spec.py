@@ -227,6 +227,15 @@ class JobSpec(_Strict):
     output_dir: str = "outputs/{name}"
     """Adapters, checkpoints and Ray storage; `{name}` is replaced by the job name."""
 
+    @field_validator("output_dir")
+    @classmethod
+    def _no_credentials_in_output_dir(cls, output_dir: str) -> str:
+        if re.search(r"://[^/?#]*@|[?&](access_key|secret_key|session_token)=", output_dir):
+            raise ValueError("holds credentials, and it is recorded as an MLflow param and printed: give them to "
+                             "the storage through its environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                             "GOOGLE_APPLICATION_CREDENTIALS) or the node's role")
+        return output_dir
+
     @field_validator("name")
     @classmethod
     def _safe_name(cls, name: str) -> str:
@@ -428,6 +437,13 @@ def deep_merge(base: dict, update: dict) -> dict:
     return merged
 
 
+def redact(text: str) -> str:
+    """Any `scheme://user:secret@host`, and pyarrow's `?access_key=...&secret_key=...` URI options,
+    inside `text` with the credentials masked."""
+    text = re.sub(r"(\w+://)[^/@\s:]+(:[^/@\s]*)?@", r"\1***@", text)
+    return re.sub(r"([?&](?:access_key|secret_key|session_token)=)[^&\s'\"]*", r"\1***", text)
+
+
 def _format_errors(err: ValidationError) -> list[str]:
     problems = []
     for e in err.errors():
@@ -438,7 +454,7 @@ def _format_errors(err: ValidationError) -> list[str]:
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check spelling; see the spec reference in README)"
         elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
-            msg = f"{msg}, got {e['input']!r}"
+            msg = f"{msg}, got {redact(repr(e['input']))}"
         problems.append(f"{path}: {msg}")
     # A union (e.g. layers: 'none'|'all'|list) reports one error per branch; keep each path once.
     seen, unique = set(), []

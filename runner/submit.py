@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from runner.spec import JobSpec, SpecError
+from runner.spec import JobSpec, SpecError, redact
 from runner.storage import absolute
-from runner.tracking import CREDENTIAL_ENV, redact, tracking_uri, without_credentials
+from runner.tracking import CREDENTIAL_ENV, tracking_uri, without_credentials
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # gitignore syntax, relative to the working directory (Ray's runtime_env `excludes`).

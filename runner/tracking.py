@@ -4,7 +4,6 @@ spec flattened, metrics per step, artifacts = resolved spec YAML, adapter, plots
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -13,7 +12,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
-from runner.spec import TrackingSpec, flatten
+from runner.spec import TrackingSpec, flatten, redact
 
 PARAM_MAX_CHARS = 6000
 
@@ -29,11 +28,6 @@ def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
     host = parts.hostname + (f":{parts.port}" if parts.port else "")
     env = {k: unquote(v) for k, v in zip(CREDENTIAL_ENV, (parts.username, parts.password)) if v}
     return urlunsplit(parts._replace(netloc=host)), env
-
-
-def redact(text: str) -> str:
-    """Any `scheme://user:secret@host` inside `text` with the credentials masked."""
-    return re.sub(r"(\w+://)[^/@\s:]+(:[^/@\s]*)?@", r"\1***@", text)
 
 
 def without_credentials(spec):

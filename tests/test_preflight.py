@@ -88,6 +88,7 @@ CASES = [
     ("valid-packing", {}, ["data.packing=true"], None),
     ("valid-fp8-on-cpu", {}, ["model.quantization=fp8"], None),
     ("valid-output-uri", {}, ["output_dir=file://{d}/out"], None),
+    ("output-uri-with-keys", {}, ["output_dir=s3://b/x?access_key=AKIA1&secret_key=SECRET1"], "holds credentials"),
     ("output-uri-unknown-scheme", {}, ["output_dir=nope://bucket/out"], "output_dir: nope://bucket/out cannot be written"),
     ("valid-sharegpt", {"a.jsonl": jsonl([{"conversations": [{"from": "gpt", "value": "hello"},
                                                              {"from": "human", "value": "Say hi"},
