@@ -15,9 +15,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 
 from runner.kernels import apply_kernels, compile_layers
 from runner.loss import CausalLMLoss
-from runner.quant import BITSANDBYTES, bnb_config, quantize_fp8, quantize_linear_layers
+from runner.quant import bnb_config, quantize_fp8, quantize_linear_layers
 from runner.recompute import apply_checkpointing, check_gradient_flow, decoder_layers, lora_parameters, resolve_layers
-from runner.spec import JobSpec, LoraSpec, ModelSpec, TokenizerSpec
+from runner.spec import BITSANDBYTES, JobSpec, LoraSpec, ModelSpec, TokenizerSpec
 
 __all__ = ["Trainable", "build_trainable", "build_model", "build_tokenizer", "decoder_layers", "lora_parameters",
            "model_config", "preset_config", "wrap_lora"]

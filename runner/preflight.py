@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 from runner.data import conversation_fields, normalize_conversation, required_columns
 from runner.spec import JobSpec, SpecError, looks_local, redact
-from runner.storage import is_uri
+from runner.storage import Location, is_uri
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -260,8 +260,6 @@ def check_output(spec: JobSpec) -> list[str]:
 
 def _check_output_uri(uri: str) -> list[str]:
     """An object-store output_dir: a real write and delete, as the job will do."""
-    from runner.storage import Location  # pyarrow.fs: only for a URI
-
     try:
         probe = Location(uri) / f".fitrun-write-check-{os.getpid()}"
         probe.write_text("")

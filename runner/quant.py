@@ -16,10 +16,16 @@ import torch
 import torch.nn.functional as F
 
 from runner.recompute import decoder_layers
+from runner.spec import BITSANDBYTES
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
-BITSANDBYTES = ("nf4", "int8")
+
+
+def _replace(layer: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    """Put `module` where `layer`'s submodule `name` (dotted) was."""
+    parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
+    setattr(parent, name.rsplit(".", 1)[-1], module)
 
 
 def _rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,8 +105,7 @@ def quantize_fp8(model: torch.nn.Module) -> int:
         for name, child in list(layer.named_modules()):
             if not fp8_eligible(child):
                 continue
-            parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
-            setattr(parent, name.rsplit(".", 1)[-1], Fp8Linear(child))
+            _replace(layer, name, Fp8Linear(child))
             child.weight = None  # free the model-dtype weight now, not at the end of the loop
             swapped += 1
     if torch.cuda.is_available():
@@ -134,7 +139,6 @@ def quantize_linear_layers(base: torch.nn.Module, quantization: str, device: tor
         for name, child in list(layer.named_modules()):
             if not isinstance(child, torch.nn.Linear):
                 continue
-            parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
             if quantization == "nf4":
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
@@ -146,7 +150,7 @@ def quantize_linear_layers(base: torch.nn.Module, quantization: str, device: tor
                 q.weight = bnb.nn.Int8Params(child.weight.data, requires_grad=False, has_fp16_weights=False)
             if child.bias is not None:
                 q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
-            setattr(parent, name.rsplit(".", 1)[-1], q.to(device))  # bitsandbytes quantizes on the move
+            _replace(layer, name, q.to(device))  # bitsandbytes quantizes on the move
             del child
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the bf16 weights' blocks

@@ -36,6 +36,9 @@ class _Strict(BaseModel):
 PRESETS = ("tiny", "llama3-8b")
 
 
+BITSANDBYTES = ("nf4", "int8")  # model.quantization values that run bitsandbytes' CUDA kernels
+
+
 class ModelSpec(_Strict):
     name_or_path: str | None = None
     """HF hub id or local directory with config.json (+ weights unless init=random)."""
@@ -247,7 +250,7 @@ class JobSpec(_Strict):
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobSpec":
         problems = []
-        if self.model.quantization in ("nf4", "int8") and not self.resources.use_gpu:
+        if self.model.quantization in BITSANDBYTES and not self.resources.use_gpu:
             problems.append(f"model.quantization: {self.model.quantization} runs bitsandbytes kernels: it needs "
                             "resources.use_gpu: true")
         if self.model.quantization == "fp8" and self.resources.use_gpu and self.model.dtype not in ("auto", "bfloat16"):
@@ -393,7 +396,7 @@ def check_space(job: JobSpec, space: SearchSpaceSpec, num_layers: int) -> None:
                             f"got {min(ks)}..{max(ks)}")
     if space.gpu_memory_gib is None:
         problems.append("gpu_memory_gib: set a ceiling (in the space file or with --gpu-memory-gib)")
-    quantized = [q for q in (space.quantizations or []) if q in ("nf4", "int8")]
+    quantized = [q for q in (space.quantizations or []) if q in BITSANDBYTES]
     if quantized and not job.resources.use_gpu:
         problems.append(f"quantizations: {quantized} need resources.use_gpu: true in the job")
     if "fsdp" in (space.parallelisms or []) and job.resources.num_workers < 2:
