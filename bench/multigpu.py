@@ -18,7 +18,7 @@ import time
 from gpu import hardware
 from structure_check import run
 
-JOB = "jobs/llama3-8b-lora-24gb.yaml"
+JOB = "jobs/llama3-8b-lora-24gb-bf16.yaml"
 CAP = ["resources.gpu_memory_gib=24", "training.max_steps=12", "training.measure_warmup_steps=3"]
 TWO = ["resources.num_workers=2", "training.gradient_accumulation_steps=8"]  # global batch 16 either way
 ARMS = {

@@ -4,9 +4,11 @@ the Llama-3-8B architecture with random weights (seed 0), the shipped data packe
 global batch 16, LoRA r16 on all linears (the shipped 24 GiB job: r8):
 
   seed-24        the seed recipe: HF Trainer + gradient checkpointing on every layer, bf16 base
-  fitrun-24      fitrun's shipped jobs/llama3-8b-lora-24gb.yaml (bf16 base)
+  fitrun-24      fitrun's shipped jobs/llama3-8b-lora-24gb-bf16.yaml (bf16 base)
   fitrun-24-fp8  fitrun, fp8 base; recomputed layers: the fewest the estimate fits under the cap
   fitrun-16-fp8, fitrun-16-nf4   the same under 16 GiB
+  fitrun-24-shipped, fitrun-16-shipped   the shipped jobs/llama3-8b-lora-{24,16}gb.yaml (the winners of
+                 `fitrun tune` over the quantization spaces) as a user runs them, 20 steps
   hf-qlora-16    HF Trainer + peft QLoRA (nf4, double quant, prepare_model_for_kbit_training, GC)
   unsloth-24     Unsloth 16-bit LoRA, its offloaded gradient checkpointing
   unsloth-16     Unsloth 4-bit QLoRA, the same
@@ -32,7 +34,8 @@ from pathlib import Path
 from throughput_24gb import GIB, flops_per_token, hf_trainer, ordered_rows
 
 JOB = "jobs/llama3-8b-lora.yaml"
-SHIPPED = "jobs/llama3-8b-lora-24gb.yaml"
+SHIPPED = "jobs/llama3-8b-lora-24gb-bf16.yaml"
+SHIPPED_STEPS = 20  # the shipped tuned jobs: long enough to show they train without OOM
 LOCAL_DIR = Path("/tmp/llama3-8b-random")
 STEPS = 4  # optimizer steps of global batch 16 per speed arm
 LOSS_STEPS = 100
@@ -47,11 +50,15 @@ FITRUN = ["model.init=random", "lora.adapter_dtype=mixed", "training.compile=tru
 
 ARMS = {  # name: (cap GiB, what)
     "seed-24": (24, "seed recipe: HF Trainer + GC (all layers), bf16, r16"),
-    "fitrun-24": (24, "fitrun shipped 24 GiB job: bf16, r8, first 11 recomputed, compile, mixed adapters"),
+    "fitrun-24": (24, "fitrun's 24 GiB bf16-base job: r8, first 11 recomputed, compile, mixed adapters"),
     "fitrun-24-fp8": (24, "fitrun fp8 base, r16"),
     "fitrun-24-fp8-mb2": (24, "fitrun fp8 base, r16, micro-batch 2 x 8"),
     "fitrun-16-fp8": (16, "fitrun fp8 base, r16"),
     "fitrun-16-nf4": (16, "fitrun nf4 base, r16"),
+    "fitrun-24-shipped": (24, "fitrun jobs/llama3-8b-lora-24gb.yaml, the tune's winner: fp8, r16, micro-batch 2 x 8, "
+                              "first 12 recomputed, 20 steps"),
+    "fitrun-16-shipped": (16, "fitrun jobs/llama3-8b-lora-16gb.yaml, the tune's winner: fp8, r16, micro-batch 2 x 8, "
+                              "first 27 recomputed, 20 steps"),
     "hf-qlora-16": (16, "HF Trainer + peft QLoRA (nf4, double quant), GC, r16"),
     "unsloth-24": (24, "Unsloth 16-bit LoRA, offloaded GC, r16"),
     "unsloth-16": (16, "Unsloth 4-bit QLoRA, offloaded GC, r16"),
@@ -189,6 +196,8 @@ def run_arm(name: str) -> dict:
         return seed_recipe(STEPS, 16)
     if name == "fitrun-24":
         return fitrun_arm(name, cap, [], job=SHIPPED)
+    if name.endswith("-shipped"):
+        return fitrun_arm(name, cap, [], job=f"jobs/llama3-8b-lora-{cap}gb.yaml", steps=SHIPPED_STEPS)
     if name.startswith("fitrun-"):
         quantization, *mb = name.split("-")[2:]
         return quant_arm(name, cap, quantization, int(mb[0][2:]) if mb else 1)
@@ -214,7 +223,8 @@ def report(results: dict, out: str, command: str) -> str:
     lines = [f"# Quantized bases vs the seed recipe and the peers ({datetime.date.today()})", "",
              f"- hardware: {results.get('_hardware', hardware())}",
              "- Llama-3-8B architecture, random weights (seed 0), shipped data packed to 2048 tokens, global batch 16 "
-             f"(micro-batch 1 x 16), {STEPS} optimizer steps per speed arm (tokens/s over the last {STEPS - 1}), "
+             f"(micro-batch 1 x 16), {STEPS} optimizer steps per speed arm (tokens/s over the last {STEPS - 1}; the "
+             f"-shipped arms: the job's own micro-batch, {SHIPPED_STEPS} steps), "
              "every arm in a fresh process under its cap; model FLOPs/token "
              f"{flops_per_token(2048) / 1e9:.2f} G",
              f"- command: `{command}`", "",
@@ -231,8 +241,8 @@ def report(results: dict, out: str, command: str) -> str:
         config = f" ({r['config']})" if r.get("config") else ""
         lines.append(f"| {name} | {cap} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / seed:.2f} | "
                      f"{r['peak_reserved_gib']:.2f} | {est} | {r['loss']:.4f} | {what}{config} |")
-    best24 = best("fitrun-24", "fitrun-24-fp8", "fitrun-24-fp8-mb2")
-    best16 = best("fitrun-16-fp8", "fitrun-16-nf4")
+    best24 = best("fitrun-24", "fitrun-24-fp8", "fitrun-24-fp8-mb2", "fitrun-24-shipped")
+    best16 = best("fitrun-16-fp8", "fitrun-16-nf4", "fitrun-16-shipped")
     lines += ["", f"speedup_vs_seed_recipe_24gib: {best24 / seed:.2f}", f"fits_16gib_tokens_per_s: {best16:.0f}",
               f"vs_unsloth_24gib: {best24 / tps('unsloth-24'):.2f}", f"vs_unsloth_16gib: {best16 / tps('unsloth-16'):.2f}",
               f"vs_hf_qlora_16gib: {best16 / tps('hf-qlora-16'):.2f}"]

@@ -21,7 +21,7 @@ from gpu import hardware
 from multigpu import estimate
 from structure_check import run
 
-JOB = "jobs/llama3-8b-lora-24gb.yaml"
+JOB = "jobs/llama3-8b-lora-24gb-bf16.yaml"
 ROWS = 4000
 CAP = ["resources.gpu_memory_gib=24", "training.measure_warmup_steps=3", "training.save_steps=null",
        "data.format=sharegpt", "data.val_fraction=0"]

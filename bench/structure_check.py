@@ -15,8 +15,8 @@ import tempfile
 from gpu import hardware
 
 RUNS = {
-    "24gb-job": ("jobs/llama3-8b-lora-24gb.yaml", ["training.max_steps=20", "resources.gpu_memory_gib=24"]),
-    "nf4-16gb-smoke": ("jobs/llama3-8b-lora-24gb.yaml",
+    "24gb-job": ("jobs/llama3-8b-lora-24gb-bf16.yaml", ["training.max_steps=20", "resources.gpu_memory_gib=24"]),
+    "nf4-16gb-smoke": ("jobs/llama3-8b-lora-24gb-bf16.yaml",
                        ["training.max_steps=4", "model.quantization=nf4", "resources.gpu_memory_gib=16",
                         "training.compile=false", "activation_checkpointing.count=16", "name=nf4-smoke"]),
 }

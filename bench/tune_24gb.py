@@ -48,6 +48,7 @@ def main() -> None:
              f"{' '.join(args.space_overrides)}",
              "- probes run packed several to a card (fit is measured there); the finalists and the seed recipe are "
              "re-measured one at a time (exclusive) and ranked on that speed",
+             "- seed recipe: not re-measured (--no-seed)" if args.no_seed else
              f"- seed recipe here: {seed.key} (all layers checkpointed, micro-batch 1, r{job.lora.r}) through the "
              "same probe path, exclusive", "",
              f"tune_wall_s: {s['tune_wall_s']:.0f}",
