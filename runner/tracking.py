@@ -64,7 +64,7 @@ def local_artifact_root(uri: str) -> str | None:
 _READY_STORES: set[str] = set()
 
 
-def client(uri: str) -> MlflowClient:
+def open_store(uri: str) -> MlflowClient:
     """An MlflowClient for `uri`. A new SQLite store gets its tables from whichever process touches it
     first, and two processes doing that at once (two jobs started together in one folder) break each
     other's schema migrations; so each process's first touch of a SQLite store holds a lock file
@@ -80,16 +80,16 @@ def client(uri: str) -> MlflowClient:
     return c
 
 
-def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
-    exp = mlflow_client.get_experiment_by_name(name)
+def experiment_id(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return mlflow_client.create_experiment(name, artifact_location=local_artifact_root(mlflow_client.tracking_uri))
+            return client.create_experiment(name, artifact_location=local_artifact_root(client.tracking_uri))
         except MlflowException:  # another job created it a moment ago
-            exp = mlflow_client.get_experiment_by_name(name)
+            exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
-    remote = mlflow_client.tracking_uri.startswith(("http://", "https://"))
+    remote = client.tracking_uri.startswith(("http://", "https://"))
     if remote and not exp.artifact_location.startswith(("mlflow-artifacts:", "s3:", "gs:", "wasbs:", "hdfs:")):
         raise ValueError(f"MLflow experiment {name!r} keeps its artifacts at {exp.artifact_location}, a path on "
                          "whichever machine logs them (it was created against a local store): set "
@@ -100,11 +100,11 @@ def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
 
 def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any] | None = None,
               tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
-    mlflow_client = client(uri)
+    client = open_store(uri)
     tags = dict(tags or {})
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id  # nests the run under its parent in the UI
-    run = mlflow_client.create_run(experiment_id(mlflow_client, experiment), run_name=run_name, tags=tags)
+    run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags)
     if params:
         log_params(uri, run.info.run_id, params)
     return run.info.run_id
@@ -113,15 +113,15 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any] |
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     flat = flatten(params)
     items = [Param(k, str(v)[:PARAM_MAX_CHARS]) for k, v in flat.items()]
-    client(uri).log_batch(run_id, params=items)  # the client splits it into the store's batch limits
+    open_store(uri).log_batch(run_id, params=items)  # the client splits it into the store's batch limits
 
 
 def find_run(uri: str, experiment: str, filter_string: str) -> str | None:
-    mlflow_client = client(uri)
-    exp = mlflow_client.get_experiment_by_name(experiment)
+    client = open_store(uri)
+    exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    runs = mlflow_client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1,
+    runs = client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1,
                               order_by=["attributes.start_time DESC"])
     return runs[0].info.run_id if runs else None
 
@@ -130,7 +130,7 @@ class RunLogger:
     """Rank-0 logging into an existing run from any process (Ray worker, Tune trial, driver)."""
 
     def __init__(self, uri: str, run_id: str):
-        self.client = client(uri)
+        self.client = open_store(uri)
         self.uri, self.run_id = uri, run_id
 
     def system_metrics(self, interval_s: float = 5.0):
