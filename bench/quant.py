@@ -6,13 +6,13 @@ global batch 16, LoRA r16 on all linears (the shipped 24 GiB job: r8):
   seed-24        the seed recipe: HF Trainer + gradient checkpointing on every layer, bf16 base
   fitrun-24      fitrun's shipped jobs/llama3-8b-lora-24gb-bf16.yaml (bf16 base)
   fitrun-24-fp8  fitrun, fp8 base; recomputed layers: the fewest the estimate fits under the cap
-  fitrun-16-fp8, fitrun-16-nf4   the same under 16 GiB
+  fitrun-16-fp8, fitrun-16-nf4, fitrun-16-int8   the same under 16 GiB (int8: not run yet)
   fitrun-24-shipped, fitrun-16-shipped   the shipped jobs/llama3-8b-lora-{24,16}gb.yaml (the winners of
                  `fitrun tune` over the quantization spaces) as a user runs them, 20 steps
   hf-qlora-16    HF Trainer + peft QLoRA (nf4, double quant, prepare_model_for_kbit_training, GC)
   unsloth-24     Unsloth 16-bit LoRA, its offloaded gradient checkpointing
   unsloth-16     Unsloth 4-bit QLoRA, the same
-  loss-none, loss-fp8, loss-nf4   fitrun, 100 steps (micro-batch 1 x 2), same rows and seed, no cap:
+  loss-none, loss-fp8, loss-nf4, loss-int8   fitrun, 100 steps (micro-batch 1 x 2), same rows and seed, no cap:
                  the loss after 100 steps and the eval loss on the held-out 5%
 
 The peers load the random 8B from a local directory (save_pretrained of the same weights, written once).
@@ -55,6 +55,7 @@ ARMS = {  # name: (cap GiB, what)
     "fitrun-24-fp8-mb2": (24, "fitrun fp8 base, r16, micro-batch 2 x 8"),
     "fitrun-16-fp8": (16, "fitrun fp8 base, r16"),
     "fitrun-16-nf4": (16, "fitrun nf4 base, r16"),
+    "fitrun-16-int8": (16, "fitrun int8 base (LLM.int8), r16"),
     "fitrun-24-shipped": (24, "fitrun jobs/llama3-8b-lora-24gb.yaml, the tune's winner: fp8, r16, micro-batch 2 x 8, "
                               "first 12 recomputed, 20 steps"),
     "fitrun-16-shipped": (16, "fitrun jobs/llama3-8b-lora-16gb.yaml, the tune's winner: fp8, r16, micro-batch 2 x 8, "
@@ -65,6 +66,7 @@ ARMS = {  # name: (cap GiB, what)
     "loss-none": (None, "fitrun bf16 base, 100 steps"),
     "loss-fp8": (None, "fitrun fp8 base, 100 steps"),
     "loss-nf4": (None, "fitrun nf4 base, 100 steps"),
+    "loss-int8": (None, "fitrun int8 base, 100 steps"),
 }
 
 
@@ -242,12 +244,12 @@ def report(results: dict, out: str, command: str) -> str:
         lines.append(f"| {name} | {cap} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / seed:.2f} | "
                      f"{r['peak_reserved_gib']:.2f} | {est} | {r['loss']:.4f} | {what}{config} |")
     best24 = best("fitrun-24", "fitrun-24-fp8", "fitrun-24-fp8-mb2", "fitrun-24-shipped")
-    best16 = best("fitrun-16-fp8", "fitrun-16-nf4", "fitrun-16-shipped")
+    best16 = best("fitrun-16-fp8", "fitrun-16-nf4", "fitrun-16-int8", "fitrun-16-shipped")
     lines += ["", f"speedup_vs_seed_recipe_24gib: {best24 / seed:.2f}", f"fits_16gib_tokens_per_s: {best16:.0f}",
               f"vs_unsloth_24gib: {best24 / tps('unsloth-24'):.2f}", f"vs_unsloth_16gib: {best16 / tps('unsloth-16'):.2f}",
               f"vs_hf_qlora_16gib: {best16 / tps('hf-qlora-16'):.2f}"]
-    loss = {q: results.get(f"loss-{q}", {}) for q in ("none", "fp8", "nf4")}
-    for q in ("fp8", "nf4"):
+    loss = {q: results.get(f"loss-{q}", {}) for q in ("none", "fp8", "nf4", "int8")}
+    for q in ("fp8", "nf4", "int8"):
         if "loss" in loss[q] and "loss" in loss["none"]:
             gap = 100 * (loss[q]["loss"] - loss["none"]["loss"]) / loss["none"]["loss"]
             lines.append(f"loss_gap_{q}_pct: {gap:+.2f}")
