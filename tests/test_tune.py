@@ -393,3 +393,45 @@ def test_rank_is_a_quality_choice(root, monkeypatch):
     table = "\n".join(rank_lines(searcher))
     assert "| r8 | r8-mb1-acc16-first-k11 | 12,500 |" in table and "| r16 | r16-mb1-acc16-first-k13 | 11,800 |" in table
     assert "| r64 | none fits |" in table
+
+
+@pytest.mark.ray
+def test_resumed_quality_phase_replaces_the_run_a_dead_driver_left_running(root, monkeypatch, tmp_path):
+    """A search driver killed (SIGKILL) during its quality phase leaves that child run RUNNING. On
+    --resume the quality phase reuses a finished rank's eval loss, marks the stale run KILLED with the
+    reason, and trains that rank again in a new run."""
+    import ray
+
+    from runner.launch import absolute_paths, init_ray
+    from runner.storage import Location
+    from runner.tracking import RunLogger, start_run
+    from runner.tune import _quality_runs
+
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("FITRUN_PROGRESS", "0")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    job = absolute_paths(load_job("jobs/tiny-cpu.yaml", [f"tracking.tracking_uri={uri}", f"output_dir={tmp_path}/out"]))
+    space = load_search_space("search_spaces/tiny-cpu.yaml", ["quality_steps=2"])
+    done, stale = (Config(r, 4, 2, "every_n", 2) for r in (4, 8))
+    parent = start_run(uri, "fitrun-tiny", "tune-x", tags={"fitrun.kind": "tune"})
+
+    def child(c):
+        return start_run(uri, "fitrun-tiny", f"quality-{c.key}", parent_run_id=parent,
+                         tags={"fitrun_config": c.key, "fitrun_phase": "quality", "fitrun.kind": "trial"})
+    finished = RunLogger(uri, child(done))
+    finished.metrics({"eval_loss": 1.25}, step=2)
+    finished.end(ok=True)
+    left_running = child(stale)
+
+    init_ray(None)
+    try:
+        losses = _quality_runs([done, stale], job, space, uri, parent, Location(f"{tmp_path}/out") / "tune")
+    finally:
+        ray.shutdown()
+    assert losses[done.key] == 1.25 and losses[stale.key] > 0
+    client = MlflowClient(uri)
+    old = client.get_run(left_running)
+    assert old.info.status == "KILLED" and "driver died" in old.data.tags["fitrun.end_reason"]
+    runs = client.search_runs([client.get_experiment_by_name("fitrun-tiny").experiment_id],
+                              filter_string=f"tags.fitrun_config = '{stale.key}' and attributes.status = 'FINISHED'")
+    assert len(runs) == 1 and runs[0].data.metrics["eval_loss"] == pytest.approx(losses[stale.key])
