@@ -82,16 +82,6 @@ def measure_in_process(spec, steps: int = 3, pad_to_full: bool = False) -> tuple
     return peak, sorted(times[1:])[len(times[1:]) // 2]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=True, logging_level="ERROR",
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "FITRUN_PROGRESS": "0"}})
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture()
 def mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1 (SQLite behind it, proxied artifacts); stopped by PID."""
