@@ -1,7 +1,7 @@
 """Issue 12: quantized bases (fp8, nf4) against the seed recipe and the peers, in one script on one
 GPU. Every arm runs in a fresh process under its memory cap (set_per_process_memory_fraction), on
 the Llama-3-8B architecture with random weights (seed 0), the shipped data packed to 2048 tokens,
-global batch 16, LoRA r16 on all linears (the shipped 24 GiB job: r8):
+global batch 16, LoRA r16 on all linears (the 24 GiB bf16-base job: r8):
 
   seed-24        the seed recipe: HF Trainer + gradient checkpointing on every layer, bf16 base
   fitrun-24      fitrun's shipped jobs/llama3-8b-lora-24gb-bf16.yaml (bf16 base)
@@ -34,7 +34,7 @@ from pathlib import Path
 from throughput_24gb import GIB, flops_per_token, hf_trainer, ordered_rows
 
 JOB = "jobs/llama3-8b-lora.yaml"
-SHIPPED = "jobs/llama3-8b-lora-24gb-bf16.yaml"
+BF16_JOB = "jobs/llama3-8b-lora-24gb-bf16.yaml"  # the fitrun-24 arm
 SHIPPED_STEPS = 20  # the shipped tuned jobs: long enough to show they train without OOM
 LOCAL_DIR = Path("/tmp/llama3-8b-random")
 STEPS = 4  # optimizer steps of global batch 16 per speed arm
@@ -197,7 +197,7 @@ def run_arm(name: str) -> dict:
     if name == "seed-24":
         return seed_recipe(STEPS, 16)
     if name == "fitrun-24":
-        return fitrun_arm(name, cap, [], job=SHIPPED)
+        return fitrun_arm(name, cap, [], job=BF16_JOB)
     if name.endswith("-shipped"):
         return fitrun_arm(name, cap, [], job=f"jobs/llama3-8b-lora-{cap}gb.yaml", steps=SHIPPED_STEPS)
     if name.startswith("fitrun-"):
@@ -243,13 +243,13 @@ def report(results: dict, out: str, command: str) -> str:
         config = f" ({r['config']})" if r.get("config") else ""
         lines.append(f"| {name} | {cap} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / seed:.2f} | "
                      f"{r['peak_reserved_gib']:.2f} | {est} | {r['loss']:.4f} | {what}{config} |")
-    best24 = best("fitrun-24", "fitrun-24-fp8", "fitrun-24-fp8-mb2", "fitrun-24-shipped")
-    best16 = best("fitrun-16-fp8", "fitrun-16-nf4", "fitrun-16-int8", "fitrun-16-shipped")
+    best24, best16 = (best(*[n for n, (c, _) in ARMS.items() if n.startswith("fitrun-") and c == cap])
+                      for cap in (24, 16))
     lines += ["", f"speedup_vs_seed_recipe_24gib: {best24 / seed:.2f}", f"fits_16gib_tokens_per_s: {best16:.0f}",
               f"vs_unsloth_24gib: {best24 / tps('unsloth-24'):.2f}", f"vs_unsloth_16gib: {best16 / tps('unsloth-16'):.2f}",
               f"vs_hf_qlora_16gib: {best16 / tps('hf-qlora-16'):.2f}"]
-    loss = {q: results.get(f"loss-{q}", {}) for q in ("none", "fp8", "nf4", "int8")}
-    for q in ("fp8", "nf4", "int8"):
+    loss = {n.removeprefix("loss-"): results.get(n, {}) for n in ARMS if n.startswith("loss-")}
+    for q in [q for q in loss if q != "none"]:
         if "loss" in loss[q] and "loss" in loss["none"]:
             gap = 100 * (loss[q]["loss"] - loss["none"]["loss"]) / loss["none"]["loss"]
             lines.append(f"loss_gap_{q}_pct: {gap:+.2f}")

@@ -37,6 +37,7 @@ PRESETS = ("tiny", "llama3-8b")
 
 
 BITSANDBYTES = ("nf4", "int8")  # model.quantization values that run bitsandbytes' CUDA kernels
+CREDENTIAL_OPTIONS = "access_key|secret_key|session_token"  # pyarrow URI options that carry secrets
 
 
 class ModelSpec(_Strict):
@@ -233,7 +234,7 @@ class JobSpec(_Strict):
     @field_validator("output_dir")
     @classmethod
     def _no_credentials_in_output_dir(cls, output_dir: str) -> str:
-        if re.search(r"://[^/?#]*@|[?&](access_key|secret_key|session_token)=", output_dir):
+        if re.search(rf"://[^/?#]*@|[?&]({CREDENTIAL_OPTIONS})=", output_dir):
             raise ValueError("holds credentials, and it is recorded as an MLflow param and printed: give them to "
                              "the storage through its environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                              "GOOGLE_APPLICATION_CREDENTIALS) or the node's role")
@@ -444,7 +445,7 @@ def redact(text: str) -> str:
     """Any `scheme://user:secret@host`, and pyarrow's `?access_key=...&secret_key=...` URI options,
     inside `text` with the credentials masked."""
     text = re.sub(r"(\w+://)[^/@\s:]+(:[^/@\s]*)?@", r"\1***@", text)
-    return re.sub(r"([?&](?:access_key|secret_key|session_token)=)[^&\s'\"]*", r"\1***", text)
+    return re.sub(rf"([?&](?:{CREDENTIAL_OPTIONS})=)[^&\s'\"]*", r"\1***", text)
 
 
 def _format_errors(err: ValidationError) -> list[str]:

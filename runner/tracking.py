@@ -43,22 +43,23 @@ def without_credentials(spec):
     return spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"tracking_uri": clean})})
 
 
+def _sqlite_db(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` store URI, absolute; None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")).absolute() if uri.startswith("sqlite:///") else None
+
+
 def tracking_uri(spec: TrackingSpec) -> str:
     """The spec's URI, else MLflow's own default (sqlite:///mlflow.db) made absolute for Ray workers."""
-    if spec.tracking_uri:
-        uri = split_credentials(spec.tracking_uri)[0]
-        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).absolute())
-        return uri
-    return "sqlite:///" + str(Path("mlflow.db").absolute())
+    uri = split_credentials(spec.tracking_uri)[0] if spec.tracking_uri else "sqlite:///mlflow.db"
+    db = _sqlite_db(uri)
+    return f"sqlite:///{db}" if db else uri
 
 
 def local_artifact_root(uri: str) -> str | None:
     """For a SQLite store, `mlruns/` beside the database file (MLflow's default is the current
     directory, which for a Ray job is a temporary copy of the working dir)."""
-    if uri.startswith("sqlite:///"):
-        return str(Path(uri.removeprefix("sqlite:///")).absolute().parent / "mlruns")
-    return None
+    db = _sqlite_db(uri)
+    return str(db.parent / "mlruns") if db else None
 
 
 _READY_STORES: set[str] = set()
@@ -69,9 +70,9 @@ def open_store(uri: str) -> MlflowClient:
     first, and two processes doing that at once (two jobs started together in one folder) break each
     other's schema migrations; so each process's first touch of a SQLite store holds a lock file
     beside the database (`.mlflow.db.lock`)."""
-    if not uri.startswith("sqlite:///") or uri in _READY_STORES:
+    db = _sqlite_db(uri)
+    if db is None or uri in _READY_STORES:
         return MlflowClient(uri)
-    db = Path(uri.removeprefix("sqlite:///"))
     db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(db.parent / f".{db.name}.lock"):
         c = MlflowClient(uri)
