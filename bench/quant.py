@@ -6,7 +6,7 @@ global batch 16, LoRA r16 on all linears (the 24 GiB bf16-base job: r8):
   seed-24        the seed recipe: HF Trainer + gradient checkpointing on every layer, bf16 base
   fitrun-24      fitrun's shipped jobs/llama3-8b-lora-24gb-bf16.yaml (bf16 base)
   fitrun-24-fp8  fitrun, fp8 base; recomputed layers: the fewest the estimate fits under the cap
-  fitrun-16-fp8, fitrun-16-nf4, fitrun-16-int8   the same under 16 GiB (int8: not run yet)
+  fitrun-16-fp8, fitrun-16-nf4, fitrun-16-int8(-mb2)   the same under 16 GiB
   fitrun-24-shipped, fitrun-16-shipped   the shipped jobs/llama3-8b-lora-{24,16}gb.yaml (the winners of
                  `fitrun tune` over the quantization spaces) as a user runs them, 20 steps
   hf-qlora-16    HF Trainer + peft QLoRA (nf4, double quant, prepare_model_for_kbit_training, GC)
@@ -56,6 +56,7 @@ ARMS = {  # name: (cap GiB, what)
     "fitrun-16-fp8": (16, "fitrun fp8 base, r16"),
     "fitrun-16-nf4": (16, "fitrun nf4 base, r16"),
     "fitrun-16-int8": (16, "fitrun int8 base (LLM.int8), r16"),
+    "fitrun-16-int8-mb2": (16, "fitrun int8 base (LLM.int8), r16, micro-batch 2 x 8"),
     "fitrun-24-shipped": (24, "fitrun jobs/llama3-8b-lora-24gb.yaml, the tune's winner: fp8, r16, micro-batch 2 x 8, "
                               "first 12 recomputed, 20 steps"),
     "fitrun-16-shipped": (16, "fitrun jobs/llama3-8b-lora-16gb.yaml, the tune's winner: fp8, r16, micro-batch 2 x 8, "
@@ -240,6 +241,8 @@ def report(results: dict, out: str, command: str) -> str:
             lines.append(f"| {name} | {cap} | error | | | | | {what}: `{r['error'][-300:]!s}` |".replace("\n", " "))
             continue
         est = f"{r['predicted_gib']:.2f}" if r.get("predicted_gib") else ""
+        if r.get("predicted_gib_at_run"):  # the estimate changed after the run (a term fitted to it)
+            est += f" (at the run: {r['predicted_gib_at_run']:.2f})"
         config = f" ({r['config']})" if r.get("config") else ""
         lines.append(f"| {name} | {cap} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / seed:.2f} | "
                      f"{r['peak_reserved_gib']:.2f} | {est} | {r['loss']:.4f} | {what}{config} |")
@@ -255,14 +258,15 @@ def report(results: dict, out: str, command: str) -> str:
             lines.append(f"loss_gap_{q}_pct: {gap:+.2f}")
     lines += ["", f"## Loss after {LOSS_STEPS} steps", "",
               f"Micro-batch 1 x 2, no cap, no recompute, eager; {LOSS_ROWS:,} ShareGPT conversations from "
-              f"bench/data_cache.py (none repeats within the {LOSS_STEPS} steps), learning rate {LOSS_LR:g}; the three "
-              "ran at once on the GPU, so their tokens/s are not speeds.", "",
+              f"bench/data_cache.py (none repeats within the {LOSS_STEPS} steps), learning rate {LOSS_LR:g}; the loss "
+              "arms of one command run at once on the GPU, so their tokens/s are not speeds.", "",
               "| base | train loss at the last step | peak reserved GiB | estimate GiB |", "| --- | --- | --- | --- |"]
     for q, r in loss.items():
         if "error" in r:
             lines.append(f"| {q} | error: `{r['error'][-200:]}` | | |".replace("\n", " "))
         elif r:
-            lines.append(f"| {q} | {r['loss']:.4f} | {r['peak_reserved_gib']:.2f} | {r['predicted_gib']:.2f} |")
+            at_run = f" (at the run: {r['predicted_gib_at_run']:.2f})" if r.get("predicted_gib_at_run") else ""
+            lines.append(f"| {q} | {r['loss']:.4f} | {r['peak_reserved_gib']:.2f} | {r['predicted_gib']:.2f}{at_run} |")
     text = "\n".join(lines) + "\n"
     Path(out).write_text(text)
     return text

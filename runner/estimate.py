@@ -54,6 +54,13 @@ FUSED_SAVED_RATIO = {"compile": 0.75, "liger": 0.73}
 # 16.44 allocated / 19.82 reserved; k=0: 19.20 / 21.73; bench/results/multigpu-2026-11-30.md).
 FSDP_GATHERED_LAYERS = 3
 FSDP_STREAM_POOL_LAYERS = 5.1
+# LLM.int8() (bitsandbytes' MatMul8bitLt) saves, for each frozen linear, the input columns holding an
+# outlier (|x| > 6) in the model dtype: the union over the micro-batch's tokens, so how many depends on
+# the weights and the data. Counted as a fraction of every linear's whole input in each layer that is
+# not recomputed, fitted to three 8B runs (bench/results/quant-2026-11-30.md; random weights, which have
+# more outlier columns than a pretrained Llama is reported to): micro-batch 1 with 13 layers saved,
+# micro-batch 2 with 5, both compiled, and micro-batch 1 eager with all 32: +2.6, -0.2, -1.8%.
+INT8_OUTLIER_FRACTION = 0.5
 QUANTIZED_BYTES_PER_WEIGHT = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0, "fp8": 1.0}
 TRANSIENT_BYTES_PER_WEIGHT = {"nf4": None, "int8": None, "fp8": 1.0}  # None: the model dtype's
 
@@ -290,6 +297,13 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
         # Only the non-checkpointed layers' share changes; checkpointed layers save just their inputs.
         fewer = max(0, saved - checkpointed_inputs) * (1 - FUSED_SAVED_RATIO[fused])
         saved, after_forward, forward_peak, peak = saved - fewer, after_forward - fewer, forward_peak - fewer, peak - fewer
+    outliers = 0.0
+    if quantization == "int8":
+        inputs = sum(m.in_features for m in decoder_layers(model)[0].modules()
+                     if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad)
+        saved_layers = len(decoder_layers(model)) + trace.untraced - len(layers)
+        outliers = INT8_OUTLIER_FRACTION * saved_layers * b * s * inputs * dtype.itemsize
+        after_forward, forward_peak, peak = after_forward + outliers, forward_peak + outliers, peak + outliers
     offloaded = checkpointed_inputs if spec.activation_checkpointing.offload and target == "cuda" else 0
     cuda_extra = CUDA_EXTRA_GIB * GIB if target == "cuda" else 0.0
     allocated = peak + optimizer_state + ddp_buckets - offloaded + cuda_extra
@@ -305,6 +319,7 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
         "backward_transient": peak - after_forward - lora,
         "ddp_buckets": ddp_buckets,
         "dequantized_weight": dequantized,
+        "int8_outlier_columns": outliers,
         "cuda_workspaces": cuda_extra,
         "allocator_overhead": overhead,
     }

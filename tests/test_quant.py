@@ -97,3 +97,25 @@ def test_fp8_base_wraps_in_ddp(root):
         assert all(g.abs().sum() > 0 for g in grads.values())
     finally:
         dist.destroy_process_group()
+
+
+def test_estimate_counts_int8_outlier_columns_in_each_saved_layer(root):
+    """LLM.int8() keeps each frozen linear's outlier input columns for the backward: the estimate counts
+    INT8_OUTLIER_FRACTION of every linear's input in each layer that is not recomputed (none when all are)."""
+    from runner.estimate import INT8_OUTLIER_FRACTION
+    from runner.model import model_config
+
+    def outliers(k):
+        job = load_job(root / "jobs/tiny-cpu.yaml", ["model.quantization=int8", "resources.use_gpu=true",
+                                                      "model.dtype=bfloat16", f"activation_checkpointing.count={k}",
+                                                      "activation_checkpointing.placement=first"])
+        return job, estimate(job, "cuda").components_gib["int8_outlier_columns"] * 1024**3
+
+    job, none_recomputed = outliers(0)
+    config = model_config(job.model, allow_builtin=True)
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    inputs = 6 * h + i  # q, k, v, o, gate and up read hidden-size inputs; down reads the MLP's
+    tokens = job.training.micro_batch_size * job.data.sequence_len
+    assert none_recomputed == INT8_OUTLIER_FRACTION * layers * tokens * inputs * 2  # bf16
+    assert outliers(1)[1] == none_recomputed * (layers - 1) / layers
+    assert outliers(layers)[1] == 0
