@@ -7,6 +7,8 @@ global batch 16, LoRA r16 on all linears (the 24 GiB bf16-base job: r8):
   fitrun-24      fitrun's shipped jobs/llama3-8b-lora-24gb-bf16.yaml (bf16 base)
   fitrun-24-fp8  fitrun, fp8 base; recomputed layers: the fewest the estimate fits under the cap
   fitrun-16-fp8, fitrun-16-nf4, fitrun-16-int8(-mb2)   the same under 16 GiB
+  fitrun-24-int8(-mb2)   int8 under 24 GiB
+  int8-eager-k16  int8 without compile, 16 layers recomputed, no cap (what a recomputed int8 layer keeps)
   fitrun-24-shipped, fitrun-16-shipped   the shipped jobs/llama3-8b-lora-{24,16}gb.yaml (the winners of
                  `fitrun tune` over the quantization spaces) as a user runs them, 20 steps
   hf-qlora-16    HF Trainer + peft QLoRA (nf4, double quant, prepare_model_for_kbit_training, GC)
@@ -57,10 +59,14 @@ ARMS = {  # name: (cap GiB, what)
     "fitrun-16-nf4": (16, "fitrun nf4 base, r16"),
     "fitrun-16-int8": (16, "fitrun int8 base (LLM.int8), r16"),
     "fitrun-16-int8-mb2": (16, "fitrun int8 base (LLM.int8), r16, micro-batch 2 x 8"),
+    "fitrun-24-int8": (24, "fitrun int8 base (LLM.int8), r16"),
+    "fitrun-24-int8-mb2": (24, "fitrun int8 base (LLM.int8), r16, micro-batch 2 x 8; held out from the estimate's int8 fit"),
     "fitrun-24-shipped": (24, "fitrun jobs/llama3-8b-lora-24gb.yaml, the tune's winner: fp8, r16, micro-batch 2 x 8, "
                               "first 12 recomputed, 20 steps"),
     "fitrun-16-shipped": (16, "fitrun jobs/llama3-8b-lora-16gb.yaml, the tune's winner: fp8, r16, micro-batch 2 x 8, "
                               "first 27 recomputed, 20 steps"),
+    "int8-eager-k16": (None, "fitrun int8 base, r16, eager, first 16 recomputed, no cap: what int8 keeps in a "
+                             "recomputed layer without compile"),
     "hf-qlora-16": (16, "HF Trainer + peft QLoRA (nf4, double quant), GC, r16"),
     "unsloth-24": (24, "Unsloth 16-bit LoRA, offloaded GC, r16"),
     "unsloth-16": (16, "Unsloth 4-bit QLoRA, offloaded GC, r16"),
@@ -131,6 +137,7 @@ def fitrun_arm(name: str, cap_gib, overrides: list[str], job: str = JOB, steps: 
     predicted = estimate(spec, "cuda").peak_reserved_gib
     s = run_train(spec, resume=False)
     return {"tokens_per_s": s["tokens_per_s"], "peak_reserved_gib": s["peak_reserved_gib"], "loss": s["loss"],
+            "peak_allocated_gib": s.get("peak_allocated_gib"),
             "eval_loss": s.get("eval_loss"), "predicted_gib": predicted,
             "config": " ".join(o for o in overrides if not o.startswith(("data.", "training.eval")))}
 
@@ -204,6 +211,8 @@ def run_arm(name: str) -> dict:
     if name.startswith("fitrun-"):
         quantization, *mb = name.split("-")[2:]
         return quant_arm(name, cap, quantization, int(mb[0][2:]) if mb else 1)
+    if name == "int8-eager-k16":
+        return fitrun_arm(name, None, ["model.quantization=int8", "training.compile=false", "activation_checkpointing.count=16"])
     if name.startswith("loss-"):
         return loss_arm(name, name.split("-", 1)[1])
     if name == "hf-qlora-16":

@@ -54,13 +54,17 @@ FUSED_SAVED_RATIO = {"compile": 0.75, "liger": 0.73}
 # 16.44 allocated / 19.82 reserved; k=0: 19.20 / 21.73; bench/results/multigpu-2026-11-30.md).
 FSDP_GATHERED_LAYERS = 3
 FSDP_STREAM_POOL_LAYERS = 5.1
-# LLM.int8() (bitsandbytes' MatMul8bitLt) saves, for each frozen linear, the input columns holding an
+# LLM.int8() (bitsandbytes' MatMul8bitLt) keeps, for each frozen linear, the input columns holding an
 # outlier (|x| > 6) in the model dtype: the union over the micro-batch's tokens, so how many depends on
-# the weights and the data. Counted as a fraction of every linear's whole input in each layer that is
-# not recomputed, fitted to three 8B runs (bench/results/quant-2026-11-30.md; random weights, which have
-# more outlier columns than a pretrained Llama is reported to): micro-batch 1 with 13 layers saved,
-# micro-batch 2 with 5, both compiled, and micro-batch 1 eager with all 32: +2.6, -0.2, -1.8%.
-INT8_OUTLIER_FRACTION = 0.5
+# the weights and the data. It keeps them, and its input, as plain attributes of its autograd context,
+# which non-reentrant checkpointing cannot drop: eager, a recomputed layer still holds every linear's
+# distinct input and its outliers. Under torch.compile the outliers are recomputed, not saved, and a
+# recomputed layer costs a small constant. Fitted to six 8B runs (bench/results/quant-2026-11-30.md;
+# random weights, which have more outlier columns than a pretrained Llama is reported to): the outliers
+# as a fraction of every linear's whole input, from the eager run with no recompute; the compiled
+# constant per recomputed layer, from the micro-batch 1 and 2 compiled runs.
+INT8_OUTLIER_FRACTION = 0.58
+INT8_COMPILED_RECOMPUTED_LAYER_GIB = 0.021
 QUANTIZED_BYTES_PER_WEIGHT = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0, "fp8": 1.0}
 TRANSIENT_BYTES_PER_WEIGHT = {"nf4": None, "int8": None, "fp8": 1.0}  # None: the model dtype's
 
@@ -297,13 +301,11 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
         # Only the non-checkpointed layers' share changes; checkpointed layers save just their inputs.
         fewer = max(0, saved - checkpointed_inputs) * (1 - FUSED_SAVED_RATIO[fused])
         saved, after_forward, forward_peak, peak = saved - fewer, after_forward - fewer, forward_peak - fewer, peak - fewer
-    outliers = 0.0
+    int8_kept = 0.0
     if quantization == "int8":
-        inputs = sum(m.in_features for m in decoder_layers(model)[0].modules()
-                     if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad)
-        saved_layers = len(decoder_layers(model)) + trace.untraced - len(layers)
-        outliers = INT8_OUTLIER_FRACTION * saved_layers * b * s * inputs * dtype.itemsize
-        after_forward, forward_peak, peak = after_forward + outliers, forward_peak + outliers, peak + outliers
+        int8_kept = _int8_kept(model, len(decoder_layers(model)) + trace.untraced, len(layers), b * s * dtype.itemsize,
+                              compiled=spec.training.compile)
+        after_forward, forward_peak, peak = after_forward + int8_kept, forward_peak + int8_kept, peak + int8_kept
     offloaded = checkpointed_inputs if spec.activation_checkpointing.offload and target == "cuda" else 0
     cuda_extra = CUDA_EXTRA_GIB * GIB if target == "cuda" else 0.0
     allocated = peak + optimizer_state + ddp_buckets - offloaded + cuda_extra
@@ -319,13 +321,25 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
         "backward_transient": peak - after_forward - lora,
         "ddp_buckets": ddp_buckets,
         "dequantized_weight": dequantized,
-        "int8_outlier_columns": outliers,
+        "int8_kept_inputs": int8_kept,
         "cuda_workspaces": cuda_extra,
         "allocator_overhead": overhead,
     }
     return Estimate(target=target, num_checkpointed_layers=len(layers),
                     components_gib={k: v / GIB for k, v in components.items()},
                     peak_allocated_gib=allocated / GIB, peak_reserved_gib=(allocated + overhead) / GIB)
+
+
+def _int8_kept(model, num_layers: int, recomputed: int, token_bytes: int, compiled: bool) -> float:
+    """Bytes LLM.int8()'s autograd contexts keep beyond what the trace sees (INT8_OUTLIER_FRACTION)."""
+    if compiled:
+        return INT8_COMPILED_RECOMPUTED_LAYER_GIB * GIB * recomputed
+    linears = {n.removesuffix(".base_layer").rsplit(".", 1)[-1]: m for n, m in decoder_layers(model)[0].named_modules()
+               if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad}
+    outlier_columns = INT8_OUTLIER_FRACTION * sum(m.in_features for m in linears.values())
+    # q, k and v read one tensor, gate and up another: a recomputed layer keeps each distinct input once.
+    distinct_inputs = sum(m.in_features for n, m in linears.items() if n not in ("k_proj", "v_proj", "up_proj"))
+    return token_bytes * (num_layers * outlier_columns + recomputed * distinct_inputs)
 
 
 def k_anchors(ks: list[int]) -> list[int]:

@@ -4,6 +4,7 @@ loads onto an unquantized base. bitsandbytes' nf4/int8 need CUDA (measured in be
 
 from dataclasses import replace
 
+import pytest
 import torch
 from conftest import tiny_batch
 
@@ -99,23 +100,27 @@ def test_fp8_base_wraps_in_ddp(root):
         dist.destroy_process_group()
 
 
-def test_estimate_counts_int8_outlier_columns_in_each_saved_layer(root):
-    """LLM.int8() keeps each frozen linear's outlier input columns for the backward: the estimate counts
-    INT8_OUTLIER_FRACTION of every linear's input in each layer that is not recomputed (none when all are)."""
-    from runner.estimate import INT8_OUTLIER_FRACTION
+def test_estimate_counts_what_int8_autograd_keeps(root):
+    """LLM.int8() keeps each frozen linear's outlier input columns, and its input, on its autograd context,
+    where non-reentrant checkpointing cannot drop them. Eager: the outliers of every layer plus each
+    recomputed layer's distinct linear inputs; compiled: a measured constant per recomputed layer."""
+    from runner.estimate import INT8_COMPILED_RECOMPUTED_LAYER_GIB, INT8_OUTLIER_FRACTION
     from runner.model import model_config
 
-    def outliers(k):
+    def kept(k, compiled=False):
         job = load_job(root / "jobs/tiny-cpu.yaml", ["model.quantization=int8", "resources.use_gpu=true",
                                                       "model.dtype=bfloat16", f"activation_checkpointing.count={k}",
-                                                      "activation_checkpointing.placement=first"])
-        return job, estimate(job, "cuda").components_gib["int8_outlier_columns"] * 1024**3
+                                                      "activation_checkpointing.placement=first",
+                                                      f"training.compile={str(compiled).lower()}"])
+        return job, estimate(job, "cuda").components_gib["int8_kept_inputs"] * 1024**3
 
-    job, none_recomputed = outliers(0)
+    job, none_recomputed = kept(0)
     config = model_config(job.model, allow_builtin=True)
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    inputs = 6 * h + i  # q, k, v, o, gate and up read hidden-size inputs; down reads the MLP's
-    tokens = job.training.micro_batch_size * job.data.sequence_len
-    assert none_recomputed == INT8_OUTLIER_FRACTION * layers * tokens * inputs * 2  # bf16
-    assert outliers(1)[1] == none_recomputed * (layers - 1) / layers
-    assert outliers(layers)[1] == 0
+    token_bytes = job.training.micro_batch_size * job.data.sequence_len * 2  # bf16
+    every_input = 6 * h + i  # q, k, v, o, gate and up read hidden-size inputs; down reads the MLP's
+    distinct = 3 * h + i  # one for q/k/v, o's, one for gate/up, down's
+    assert none_recomputed == pytest.approx(INT8_OUTLIER_FRACTION * layers * token_bytes * every_input)
+    assert kept(2)[1] == pytest.approx(none_recomputed + 2 * token_bytes * distinct)
+    assert kept(2, compiled=True)[1] == pytest.approx(2 * INT8_COMPILED_RECOMPUTED_LAYER_GIB * 1024**3)
+    assert kept(0, compiled=True)[1] == 0
