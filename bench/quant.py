@@ -222,6 +222,15 @@ def run_arm(name: str) -> dict:
     raise ValueError(name)
 
 
+def estimate_cell(r: dict) -> str:
+    """The predicted GiB of an arm; where the estimate changed after the run (a term fitted to it), also
+    what it said at the run."""
+    cell = f"{r['predicted_gib']:.2f}" if r.get("predicted_gib") else ""
+    if r.get("predicted_gib_at_run"):
+        cell += f" (at the run: {r['predicted_gib_at_run']:.2f})"
+    return cell
+
+
 def report(results: dict, out: str, command: str) -> str:
     from gpu import hardware
 
@@ -249,12 +258,9 @@ def report(results: dict, out: str, command: str) -> str:
         if "error" in r:
             lines.append(f"| {name} | {cap} | error | | | | | {what}: `{r['error'][-300:]!s}` |".replace("\n", " "))
             continue
-        est = f"{r['predicted_gib']:.2f}" if r.get("predicted_gib") else ""
-        if r.get("predicted_gib_at_run"):  # the estimate changed after the run (a term fitted to it)
-            est += f" (at the run: {r['predicted_gib_at_run']:.2f})"
         config = f" ({r['config']})" if r.get("config") else ""
         lines.append(f"| {name} | {cap} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / seed:.2f} | "
-                     f"{r['peak_reserved_gib']:.2f} | {est} | {r['loss']:.4f} | {what}{config} |")
+                     f"{r['peak_reserved_gib']:.2f} | {estimate_cell(r)} | {r['loss']:.4f} | {what}{config} |")
     best24, best16 = (best(*[n for n, (c, _) in ARMS.items() if n.startswith("fitrun-") and c == cap])
                       for cap in (24, 16))
     lines += ["", f"speedup_vs_seed_recipe_24gib: {best24 / seed:.2f}", f"fits_16gib_tokens_per_s: {best16:.0f}",
@@ -274,8 +280,7 @@ def report(results: dict, out: str, command: str) -> str:
         if "error" in r:
             lines.append(f"| {q} | error: `{r['error'][-200:]}` | | |".replace("\n", " "))
         elif r:
-            at_run = f" (at the run: {r['predicted_gib_at_run']:.2f})" if r.get("predicted_gib_at_run") else ""
-            lines.append(f"| {q} | {r['loss']:.4f} | {r['peak_reserved_gib']:.2f} | {r['predicted_gib']:.2f}{at_run} |")
+            lines.append(f"| {q} | {r['loss']:.4f} | {r['peak_reserved_gib']:.2f} | {estimate_cell(r)} |")
     text = "\n".join(lines) + "\n"
     Path(out).write_text(text)
     return text
