@@ -5,10 +5,11 @@ placement and loss) on fake tensors, run one forward + backward through the same
 the worker uses, and count live tensor bytes with `memory.TensorMemory`. Nothing is computed. Only
 a few decoder layers are traced (the first, the last, one middle layer of each kind); the step's
 byte timeline is cut at layer boundaries and replayed at full depth, which equals tracing every
-layer byte for byte (tests/test_estimate.py) at a fraction of the time (~1.5 s for the 8B). What a trace cannot see is added analytically and
-stated as such: optimizer state (AdamW: two tensors per trainable parameter, present from step
-two), DDP gradient buckets, offloaded inputs, and the CUDA caching allocator's overhead
-(reserved / allocated, calibrated on H200 measurements: bench/results/).
+layer byte for byte (tests/test_estimate.py) at a fraction of the time (about 1 s for the 8B, warm).
+What a trace cannot see is added analytically and stated as such: optimizer state (AdamW: two
+tensors per trainable parameter, present from step two), DDP gradient buckets, offloaded inputs, and
+the CUDA caching allocator's overhead (reserved / allocated, calibrated on H200 measurements:
+bench/results/).
 """
 
 from __future__ import annotations
