@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from multigpu import JOB, write
+from multigpu import JOB, on_two_cores, write
 from runner.estimate import estimate
 from runner.spec import load_job
 
@@ -39,10 +39,9 @@ CLI_RUNS = 5
 
 def cli_wall(python: str) -> float:
     """`fitrun estimate` on the shipped job as a user runs it (its own process, 2 cores), in seconds."""
-    start = time.perf_counter()
-    subprocess.run([python, "-m", "runner", "estimate", SHIPPED_JOB], check=True, capture_output=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "2"}, preexec_fn=lambda: os.sched_setaffinity(0, {0, 1}))
-    return time.perf_counter() - start
+    p, wall = on_two_cores([python, "-m", "runner", "estimate", SHIPPED_JOB])
+    p.check_returncode()
+    return wall
 
 
 def interpreter(python: str) -> str:
