@@ -51,7 +51,7 @@ def first_step(data: Path, tmp: Path, cache: Path, name: str) -> tuple[float, st
         if re.search(r"step +1/1 ", line) and elapsed != elapsed:
             elapsed = time.time() - start
     proc.wait()
-    accounting = next((re.sub(r"^.*?data: ", "data: ", l.strip()) for l in seen if "rows read" in l), "")
+    accounting = next((re.sub(r"^.*?data: ", "data: ", line.strip()) for line in seen if "rows read" in line), "")
     if proc.returncode != 0:
         raise SystemExit("".join(seen[-40:]))
     return elapsed, accounting

@@ -44,8 +44,8 @@ def predict(cfg):
     import torch
 
     torch.set_num_threads(1)
-    from runner.estimate import estimate
-    from runner.spec import load_job
+    from runner.estimate.trace import estimate
+    from runner.loading import load_job
 
     return estimate(load_job("jobs/llama3-8b-lora.yaml", overrides(*cfg)), "cuda").peak_reserved_gib
 
@@ -53,10 +53,10 @@ def predict(cfg):
 def measure(cfg):
     import torch
 
+    from runner.loading import load_job
     from runner.memory import PeakMemory
     from runner.model import build_trainable
-    from runner.spec import load_job
-    from runner.worker import train_step
+    from runner.train.worker import train_step
 
     spec = load_job("jobs/llama3-8b-lora.yaml", overrides(*cfg))
     device = torch.device("cuda")
@@ -117,8 +117,8 @@ def main():
              "- model: Llama-3-8B architecture (random init), bf16, SDPA, LoRA on all linear layers (peft defaults: "
              "fp32 adapters unless noted), fused AdamW, chunked loss unless noted; full-length sequences",
              "- measured: max of `torch.cuda.max_memory_reserved` over 3 optimizer steps (accumulation 1), one process, "
-             "`empty_cache()` between configurations; predicted: `runner.estimate.estimate(spec, 'cuda')` on CPU",
-             "- the CUDA constants in runner/estimate.py were fitted on the five runs of "
+             "`empty_cache()` between configurations; predicted: `runner.estimate.trace.estimate(spec, 'cuda')` on CPU",
+             "- the CUDA constants in runner/estimate/trace.py were fitted on the five runs of "
              "train-placements-2026-11-29.md (separate processes through Ray Train), not on these",
              "- command: `PYTHONPATH=. python bench/estimate_accuracy.py --out <file>`", "",
              "| seq | micro-batch | r | k | placement | other | predicted GiB | measured GiB | error % |",

@@ -20,10 +20,10 @@ import time
 import warnings
 
 import torch
-
 from multigpu import JOB, on_two_cores, write
-from runner.estimate import estimate
-from runner.spec import load_job
+
+from runner.estimate.trace import estimate
+from runner.loading import load_job
 
 CONFIGS = {
     "shipped (k=11 first, compile, mixed)": [],

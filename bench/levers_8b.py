@@ -41,9 +41,9 @@ LABELS = {
 
 
 def run_variant(name: str, settings: list[tuple[int, int]], reps: int, r: int) -> dict:
+    from runner.loading import load_job
     from runner.model import build_trainable
     from runner.recompute import apply_checkpointing
-    from runner.spec import load_job
 
     spec = load_job(JOB, ["model.init=random", f"lora.r={r}", f"lora.lora_alpha={2 * r}", *VARIANTS[name]])
     dev = torch.device("cuda")

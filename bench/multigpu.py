@@ -110,7 +110,7 @@ def phase_tune(out: str, space: str) -> None:
                                env={**os.environ, "FITRUN_PROGRESS": "0"})
         text = open(log_path).read()
         lines += [f"tune_wall_s: {time.time() - start:.0f}", "", "```",
-                  *[l for l in text.splitlines() if "|" in l or "winner" in l.lower()][-40:], "```", ""]
+                  *[line for line in text.splitlines() if "|" in line or "winner" in line.lower()][-40:], "```", ""]
         write(out, lines)
         if p.returncode != 0 or not os.path.exists(winner):
             lines += ["tune FAILED", "```", text[-3000:], "```"]

@@ -16,8 +16,8 @@ import time
 import torch
 
 from runner.data import IGNORE, MicroBatches, tokenize
+from runner.loading import load_job
 from runner.model import build_tokenizer, build_trainable
-from runner.spec import load_job
 
 
 def run(packing: bool, seq: int, micro: int, max_micro: int) -> dict:

@@ -85,8 +85,8 @@ def cap_memory(cap_gib):
 
 
 def job_and_tokenizer(overrides=()):
+    from runner.loading import load_job
     from runner.model import build_tokenizer
-    from runner.spec import load_job
 
     spec = load_job(JOB, ["model.init=random", *overrides])
     return spec, build_tokenizer(spec.tokenizer, spec.model)
@@ -108,8 +108,8 @@ def write_local_model() -> None:
 
 def fewest_recomputed(overrides: list[str], cap_gib: float) -> tuple[int, float]:
     """The smallest k (first-k placement) whose estimate fits cap - margin, by bisection, and its estimate."""
-    from runner.estimate import estimate
-    from runner.spec import load_job
+    from runner.estimate.trace import estimate
+    from runner.loading import load_job
 
     def predicted(k):
         spec = load_job(JOB, [*FITRUN, *overrides, f"activation_checkpointing.count={k}"])
@@ -126,9 +126,9 @@ def fewest_recomputed(overrides: list[str], cap_gib: float) -> tuple[int, float]
 
 
 def fitrun_arm(name: str, cap_gib, overrides: list[str], job: str = JOB, steps: int = STEPS) -> dict:
-    from runner.estimate import estimate
-    from runner.launch import run_train
-    from runner.spec import load_job
+    from runner.estimate.trace import estimate
+    from runner.loading import load_job
+    from runner.train.driver import run_train
 
     cap = [f"resources.gpu_memory_gib={cap_gib}"] if cap_gib else []
     base = FITRUN if job == JOB else ["model.init=random", "training.save_steps=null", "training.warmup_steps=0"]
@@ -180,8 +180,8 @@ def hf_qlora_arm(cap_gib: float) -> dict:
 def unsloth_arm(cap_gib: float, four_bit: bool) -> dict:
     """Unsloth as its README trains: FastLanguageModel, its offloaded checkpointing, a plain HF Trainer."""
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
-    import unsloth  # noqa: F401  (first, so it patches transformers and peft)
     import torch
+    import unsloth  # noqa: F401  (first, so it patches transformers and peft)
     from unsloth import FastLanguageModel
 
     cap_memory(cap_gib)
@@ -320,7 +320,7 @@ def main() -> None:
                                            text=True, env=env)
         for name, p in procs.items():
             output = p.communicate()[0]
-            line = next((l for l in output.splitlines() if l.startswith("RESULT ")), None)
+            line = next((x for x in output.splitlines() if x.startswith("RESULT ")), None)
             results[name] = json.loads(line[7:]) if line else {"error": output[-1500:]}
             results[name]["wall_s"] = round(time.time() - started)
             print(name, json.dumps(results[name])[:700], flush=True)

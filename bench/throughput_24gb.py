@@ -34,8 +34,8 @@ def seed_recipe(steps: int, accum: int) -> dict:
     """The seed recipe, exactly: HF Trainer, gradient checkpointing (non-reentrant), bf16, adamw_torch."""
     import torch
 
+    from runner.loading import load_job
     from runner.model import build_model, build_tokenizer
-    from runner.spec import load_job
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -97,10 +97,10 @@ def hf_trainer(model, rows: list[dict], accum: int, steps: int, seq: int, gradie
 
 
 def fitrun(steps: int, overrides: list[str]) -> dict:
-    from runner.spec import load_job
-    from runner.launch import run_train
-
     import torch
+
+    from runner.loading import load_job
+    from runner.train.driver import run_train
 
     cap = [f"resources.gpu_memory_gib={CAP_GIB}"] if torch.cuda.is_available() else []
     spec = load_job(JOB, ["model.init=random", f"training.max_steps={steps}", "training.warmup_steps=0",
@@ -134,7 +134,7 @@ def main() -> None:
         p = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--out", args.out, "--only", name,
                             "--job", args.job, *(["--tuned-job", args.tuned_job] if args.tuned_job else [])],
                            capture_output=True, text=True)
-        line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
         results[name] = json.loads(line[7:]) if line else {"error": (p.stdout + p.stderr)[-800:]}
         print(name, results[name], flush=True)
     import torch
@@ -151,7 +151,8 @@ def main() -> None:
              f"- Llama-3-8B architecture (random init, seed 0), seq 2048 packed shipped data, global batch 16, "
              f"{args.steps} optimizer steps each, every arm in a fresh process capped at {CAP_GIB:g} GiB",
              "- command: `PYTHONPATH=. python bench/throughput_24gb.py " f"--steps {args.steps} --out <file>`", "",
-             "| arm | tokens/s | x seed | peak reserved GiB | MFU % | loss at last step |", "| --- | --- | --- | --- | --- | --- |"]
+             "| arm | tokens/s | x seed | peak reserved GiB | MFU % | loss at last step |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
         if "error" in r:
             lines.append(f"| {LABELS[name]} | error | | | | |")
@@ -180,7 +181,8 @@ def tuned_overrides(path: str) -> list[str]:
 
 
 ARMS = {
-    "fitrun-same": ["activation_checkpointing.count=null", "activation_checkpointing.layers=all", "training.loss=hf", "training.micro_batch_size=1",
+    "fitrun-same": ["activation_checkpointing.count=null", "activation_checkpointing.layers=all", "training.loss=hf",
+                    "training.micro_batch_size=1",
                     "training.gradient_accumulation_steps=16"],
     # The seed's own config (r16, mb1 x 16) with the levers that win outright: same loss as (1) expected.
     "levers-r16": ["lora.adapter_dtype=mixed", "training.compile=true", "activation_checkpointing.layers=none",

@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 
 from gpu import hardware
-from runner.spec import load_job
-from runner.launch import run_train
+
+from runner.loading import load_job
+from runner.train.driver import run_train
 
 PLACEMENTS = {"none": ["activation_checkpointing.count=null", "activation_checkpointing.layers=none"],
               "all": ["activation_checkpointing.count=null", "activation_checkpointing.layers=all"],

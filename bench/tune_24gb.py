@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 from gpu import hardware
-from runner.spec import load_job, load_search_space
-from runner.search import Config
-from runner.tune import run_tune
+
+from runner.loading import load_job, load_search_space
+from runner.tune.driver import run_tune
+from runner.tune.search import Config
 
 
 def main() -> None:

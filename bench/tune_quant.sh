@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 12: `fitrun tune` with the quantization dimension under a 16 GiB and a 24 GiB ceiling, the two
 # searches side by side on a 2-GPU host (one GPU and one local Ray cluster each), through
-# bench/tune_24gb.py (which runs `runner.tune.run_tune` and writes the report). Random-init 8B,
+# bench/tune_24gb.py (which runs `runner.tune.driver.run_tune` and writes the report). Random-init 8B,
 # 4,000 ShareGPT conversations written by bench/data_cache.py, the Llama-3 tokenizer from $TOKENIZER.
 #
 #   OUT=bench/results TOKENIZER=path/to/llama3-tokenizer bash bench/tune_quant.sh [--resume]

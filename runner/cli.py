@@ -7,7 +7,8 @@ import argparse
 import json
 import sys
 
-from runner.spec import SpecError, load_job, load_search_space
+from runner.loading import load_job, load_search_space
+from runner.spec import SpecError
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.job}: ok (global batch {job.global_batch_size})" + (f"; {args.space}: ok" if space else ""))
         return 0
     if args.command == "train":
-        from runner.launch import ResumeRefused, Stopped, run_train
+        from runner.train.driver import ResumeRefused, Stopped, run_train
 
         try:
             summary = run_train(job, resume=not args.no_resume, allow_changes=args.allow_changes)
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     if args.command == "tune":
-        from runner.tune import run_tune
+        from runner.tune.driver import run_tune
 
         if args.gpu_memory_gib is not None:
             space = space.model_copy(update={"gpu_memory_gib": args.gpu_memory_gib})
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         # 10 s on 2 cores. Marked absent in this process, transformers' availability checks skip them.
         for unused in ("sklearn", "scipy"):
             sys.modules.setdefault(unused, None)
-        from runner.estimate import run_estimate_cli
+        from runner.estimate.trace import run_estimate_cli
 
         return run_estimate_cli(job, args.gpu_memory_gib, args.sweep, args.json)
     return 1

@@ -52,13 +52,3 @@ def compile_layers(model: torch.nn.Module) -> None:
     layer recomputes its compiled forward; all layers share one graph."""
     for layer in decoder_layers(model):
         layer.compile()  # static first; a new sequence length (unpacked data) recompiles once as dynamic
-
-
-def liger_linear_cross_entropy():
-    """Liger's fused lm_head + cross-entropy: logits exist one chunk at a time, computed in Triton."""
-    require_liger()
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-    from runner.data import IGNORE
-
-    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")

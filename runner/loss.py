@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from runner.kernels import require_liger
+
 IGNORE = -100  # the label of positions that carry no loss (HF's ignore_index)
 
 
@@ -21,8 +23,6 @@ class CausalLMLoss(torch.nn.Module):
         super().__init__()
         self.model, self.kind, self.chunk_tokens = model, kind, chunk_tokens
         if kind == "liger":
-            from runner.kernels import liger_linear_cross_entropy
-
             self.fused = liger_linear_cross_entropy()
         else:
             self.fused = None
@@ -54,3 +54,11 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         end = start + chunk_tokens
         total = total + checkpoint(_chunk_ce, hidden[start:end], weight, targets[start:end], use_reentrant=False)
     return total
+
+
+def liger_linear_cross_entropy():
+    """Liger's fused lm_head + cross-entropy: logits exist one chunk at a time, computed in Triton."""
+    require_liger()
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")

@@ -14,7 +14,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from runner.data import conversation_fields, normalize_conversation, required_columns
-from runner.spec import JobSpec, SpecError, looks_local, redact
+from runner.loading import looks_local, redact
+from runner.spec import JobSpec, SpecError
 from runner.storage import Location, is_uri
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")

@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from runner.spec import JobSpec, SpecError, redact
+from runner.loading import redact
+from runner.spec import JobSpec, SpecError
 from runner.storage import absolute
 from runner.tracking import CREDENTIAL_ENV, tracking_uri, without_credentials
 
@@ -74,7 +75,7 @@ def submit(job_path: str, job: JobSpec, overrides: list[str], address: str | Non
             command += ["--set", item]
     command += durable_overrides(job) + list(extra)
     submission_id = f"fitrun-{job.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    from runner.launch import worker_env
+    from runner.train.driver import worker_env
 
     env = {**worker_env(), "RAY_JOB_STOP_WAIT_TIME_S": STOP_WAIT_S, "FITRUN_PROGRESS": "0",
            **{k: os.environ[k] for k in PASSED_ENV if k in os.environ}}
@@ -85,7 +86,8 @@ def submit(job_path: str, job: JobSpec, overrides: list[str], address: str | Non
     out = absolute(job.resolved_output_dir())
     print(f"submitted {submission_id}\n"
           f"  entrypoint: {redact(shlex.join(command))}\n"
-          f"  outputs (adapter, checkpoints): {out}  (a URI, or a path on the cluster's nodes: shared storage on a multi-node cluster)\n"
+          f"  outputs (adapter, checkpoints): {out}  (a URI, or a path on the cluster's nodes: shared storage on a "
+          "multi-node cluster)\n"
           f"  follow: fitrun logs {submission_id} --follow; stop: fitrun stop {submission_id}", flush=True)
     return submission_id
 

@@ -6,15 +6,16 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from urllib.parse import unquote, urlsplit, urlunsplit
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from filelock import FileLock
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from runner.spec import TrackingSpec, flatten, redact
+from runner.loading import flatten, redact
+from runner.spec import TrackingSpec
 
 PARAM_MAX_CHARS = 6000
 

@@ -60,7 +60,7 @@ def measure_in_process(spec, steps: int = 3, pad_to_full: bool = False) -> tuple
     from runner.data import MicroBatches, tokenize
     from runner.memory import PeakMemory
     from runner.model import build_tokenizer, build_trainable
-    from runner.worker import train_step
+    from runner.train.worker import train_step
 
     t = spec.training
     tok = build_tokenizer(spec.tokenizer, spec.model)

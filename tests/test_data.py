@@ -12,7 +12,7 @@ def test_messages_train_only_on_assistant_replies(root, tokenizer):
     data = tokenize(DataSpec(path=str(root / "data/instructions.messages.jsonl"), format="messages",
                              sequence_len=256), tokenizer)
     row = data.train[0]
-    trained = tokenizer.decode([t for t, l in zip(row["input_ids"], row["labels"]) if l != IGNORE])
+    trained = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE])
     text = tokenizer.decode(row["input_ids"])
     assert text.startswith("<|begin_of_text|><|start_header_id|>system")
     assert trained.endswith("<|eot_id|>") and "user" not in trained and "assistant" not in trained
@@ -99,8 +99,8 @@ def test_sharegpt_odd_cases_are_counted_and_never_trained_as_junk(root, tokenize
     assert a["turns_dropped_leading_non_user_turn"] == 2 and a["turns_dropped_unknown_role"] == 1
     assert a["turns_dropped_empty_turn"] == 2  # a blank reply and one without a value
     assert 0 < a["trainable_tokens_per_epoch"] < a["positions_per_epoch"]
-    texts = [(tokenizer.decode(r["input_ids"]), tokenizer.decode([t for t, l in zip(r["input_ids"], r["labels"])
-                                                                  if l != IGNORE])) for r in data.train]
+    texts = [(tokenizer.decode(r["input_ids"]), tokenizer.decode([t for t, label in zip(r["input_ids"], r["labels"])
+                                                                  if label != IGNORE])) for r in data.train]
     assert not any("None" in full for full, _ in texts)
     aliases = next(trained for full, trained in texts if "Two plus two" in full)
     assert "Four." in aliases and "Five." in aliases and "Yes." in aliases  # bing, chatgpt, bard are assistants

@@ -3,9 +3,8 @@
 import pytest
 from conftest import measure_in_process
 
-from runner.estimate import estimate, parse_sweep, sweep_k
-from runner.spec import load_job
-
+from runner.estimate.trace import estimate, parse_sweep, sweep_k
+from runner.loading import load_job
 
 CASES = {
     "none": ["activation_checkpointing.count=0"],

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import tiny_batch, tiny_model
 
-from runner.recompute import apply_checkpointing
 from runner.memory import TensorMemory
+from runner.recompute import apply_checkpointing
 
 
 def _loss_and_grads(model):
@@ -64,8 +64,8 @@ def _checkpointed(layers):
 
 
 def test_estimate_counts_fewer_saved_activations_when_compiled(root, monkeypatch):
-    from runner.estimate import estimate
-    from runner.spec import load_job
+    from runner.estimate.trace import estimate
+    from runner.loading import load_job
 
     monkeypatch.chdir(root)
     base = ["resources.use_gpu=false", "training.micro_batch_size=8"]
@@ -81,7 +81,8 @@ def test_estimate_counts_fewer_saved_activations_when_compiled(root, monkeypatch
 
 def test_liger_needs_a_gpu_and_the_package(root):
     from runner.kernels import check_available
-    from runner.spec import SpecError, load_job
+    from runner.loading import load_job
+    from runner.spec import SpecError
 
     with pytest.raises(SpecError, match="training.kernels: liger.*use_gpu"):
         load_job(str(root / "jobs/tiny-cpu.yaml"), ["training.kernels=liger", "resources.use_gpu=false"])

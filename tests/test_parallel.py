@@ -3,9 +3,8 @@ batch, resume after a crash, and write one MLflow run (rank 0 logs) and one PEFT
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
-
 from conftest import fitrun_train
+from mlflow.tracking import MlflowClient
 from test_train_ray import _adapter
 
 pytestmark = pytest.mark.ray

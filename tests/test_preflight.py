@@ -131,9 +131,9 @@ def test_mutated_input_fails_cleanly_or_trains(case, root, tmp_path, monkeypatch
 def _train_one_step(sets: list[str]) -> None:
     """The worker's own path, in process: tokenize, batch, build with the levers, one optimizer step."""
     from runner.data import MicroBatches, tokenize
+    from runner.loading import load_job
     from runner.model import build_tokenizer, build_trainable
-    from runner.spec import load_job
-    from runner.worker import train_step
+    from runner.train.worker import train_step
 
     spec = load_job("jobs/tiny-cpu.yaml", sets)
     t = spec.training

@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import tiny_batch
 
-from runner.estimate import estimate
+from runner.estimate.trace import estimate
+from runner.loading import load_job
 from runner.model import build_base, build_trainable
 from runner.quant import Fp8Linear
 from runner.recompute import lora_parameters
-from runner.spec import load_job
 
 
 def _trainable(root, quantization: str, *extra: str):
@@ -62,7 +62,7 @@ def test_fp8_adapter_is_plain_peft_and_loads_onto_an_unquantized_base(root, tmp_
     from peft import PeftModel
 
     spec, fp8 = _trainable(root, "fp8")
-    fp8.model.save_pretrained(tmp_path / "adapter")  # what runner.state saves at a checkpoint
+    fp8.model.save_pretrained(tmp_path / "adapter")  # what runner.train.state saves at a checkpoint
     base = build_base(spec.model.model_copy(update={"quantization": "none"}), torch.device("cpu"), seed=spec.training.seed)
     loaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
     saved = lora_parameters(fp8.model)
@@ -104,7 +104,7 @@ def test_estimate_counts_what_int8_autograd_keeps(root):
     """LLM.int8() keeps each frozen linear's outlier input columns, and its input, on its autograd context,
     where non-reentrant checkpointing cannot drop them. Eager: the outliers of every layer plus each
     recomputed layer's distinct linear inputs; compiled: a measured constant per recomputed layer."""
-    from runner.estimate import INT8_COMPILED_RECOMPUTED_LAYER_GIB, INT8_OUTLIER_FRACTION
+    from runner.estimate.trace import INT8_COMPILED_RECOMPUTED_LAYER_GIB, INT8_OUTLIER_FRACTION
     from runner.model import model_config
 
     def kept(k, compiled=False):

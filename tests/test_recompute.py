@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import tiny_batch, tiny_model
 
-from runner.recompute import apply_checkpointing, check_gradient_flow, resolve_layers
 from runner.model import decoder_layers
+from runner.recompute import apply_checkpointing, check_gradient_flow, resolve_layers
 from runner.spec import ActivationCheckpointingSpec as AC
 
 
@@ -96,7 +96,7 @@ def test_selective_recompute_same_gradients(layers):
 def test_selective_recompute_memory_between_full_and_none(root, monkeypatch):
     from conftest import measure_in_process
 
-    from runner.spec import load_job
+    from runner.loading import load_job
 
     monkeypatch.chdir(root)
     peaks = {}

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from runner.spec import SpecError, load_job, load_search_space, parse_overrides
+from runner.loading import load_job, load_search_space, parse_overrides
+from runner.spec import SpecError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,9 @@ import yaml
 from conftest import measure_in_process
 from mlflow.tracking import MlflowClient
 
-from runner.spec import SpecError, load_job, load_search_space
-from runner.search import Config, FitSearcher, apply_config, at_k, classify, expand
+from runner.loading import load_job, load_search_space
+from runner.spec import SpecError
+from runner.tune.search import Config, FitSearcher, apply_config, at_k, classify, expand
 
 CEILING = 24.0
 
@@ -87,7 +88,7 @@ def test_space_problems_reported_before_anything_runs(root, monkeypatch, tmp_pat
 
 
 def test_lever_dimensions_expand_into_columns_and_trial_jobs(root, monkeypatch, tmp_path):
-    from runner.search import apply_config, at_k
+    from runner.tune.search import apply_config, at_k
 
     monkeypatch.chdir(root)
     job = load_job("jobs/tiny-cpu.yaml")
@@ -146,7 +147,7 @@ def _rest_runs(url: str, experiment: str) -> list[dict]:
 
 def test_cpu_search_matches_brute_force(root, tmp_path, mlflow_server):
     """A real search on CPU against a real `mlflow server`, read back through its REST API."""
-    from runner.search import apply_config
+    from runner.tune.search import apply_config
 
     env = {**os.environ, "FITRUN_PROGRESS": "0"}
     args = _tune_cli(tmp_path, mlflow_server) + ["--cheapest"]  # the fastest at any rank: the brute force checks it
@@ -242,7 +243,7 @@ def _trial_rows(url: str, run_id: str) -> list[list]:
 
 
 def test_random_searcher_is_a_plain_baseline():
-    from runner.search import RandomSearcher
+    from runner.tune.search import RandomSearcher
 
     columns = [Config(r, 16 // a, a, "first", None) for r in (8, 16) for a in (16, 8)]
     searcher = RandomSearcher(columns, list(range(33)), CEILING - 0.5, num_samples=10, seed=1)
@@ -309,7 +310,7 @@ def test_quantization_is_one_more_search_dimension(root, monkeypatch, tmp_path):
 def test_shipped_quantization_spaces_and_jobs_fit_their_ceiling(root, monkeypatch, ceiling):
     """The shipped jobs (the winners of these spaces' searches on the H200) are predicted to fit their
     cards with the search's safety margin, and the spaces expand."""
-    from runner.estimate import estimate
+    from runner.estimate.trace import estimate
 
     monkeypatch.chdir(root)
     job = load_job("jobs/llama3-8b-lora.yaml", ["model.init=random", "lora.adapter_dtype=mixed", "training.compile=true"])
@@ -353,7 +354,7 @@ def test_parallelism_is_a_search_dimension_at_the_jobs_world_size(root, monkeypa
 @pytest.mark.parametrize("n_concurrent,exclusive_finalists", [(1, 0), (1, 2), (2, 0)])
 def test_winner_without_re_measurement_is_the_fastest_fit(root, monkeypatch, n_concurrent, exclusive_finalists):
     """One trial at a time (a 2-worker search on 2 GPUs), or no re-measurement asked: the probes rank."""
-    from runner.tune import _rank_finalists
+    from runner.tune.driver import _rank_finalists
 
     monkeypatch.chdir(root)
     job = load_job("jobs/llama3-8b-lora-24gb-bf16.yaml")
@@ -372,8 +373,8 @@ def test_winner_without_re_measurement_is_the_fastest_fit(root, monkeypatch, n_c
 def test_rank_is_a_quality_choice(root, monkeypatch):
     """Every rank is measured; the winner is at the highest rank that fits unless --cheapest; the
     report gives each rank's fastest fitting config."""
-    from runner.report import rank_choice_note, rank_lines
-    from runner.tune import _rank_finalists
+    from runner.tune.driver import _rank_finalists
+    from runner.tune.report import rank_choice_note, rank_lines
 
     monkeypatch.chdir(root)
     job = load_job("jobs/llama3-8b-lora.yaml")
@@ -402,10 +403,10 @@ def test_resumed_quality_phase_replaces_the_run_a_dead_driver_left_running(root,
     reason, and trains that rank again in a new run."""
     import ray
 
-    from runner.launch import absolute_paths, init_ray
     from runner.storage import Location
     from runner.tracking import RunLogger, start_run
-    from runner.tune import _quality_runs
+    from runner.train.driver import absolute_paths, init_ray
+    from runner.tune.driver import _quality_runs
 
     monkeypatch.chdir(root)
     monkeypatch.setenv("FITRUN_PROGRESS", "0")

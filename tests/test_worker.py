@@ -25,9 +25,9 @@ def test_tiny_job_losses_are_pinned(root, monkeypatch, one_thread):
     from transformers import get_scheduler
 
     from runner.data import MicroBatches, collate, tokenize
+    from runner.loading import load_job
     from runner.model import build_tokenizer, build_trainable
-    from runner.spec import load_job
-    from runner.worker import train_step
+    from runner.train.worker import train_step
 
     monkeypatch.chdir(root)
     spec = load_job("jobs/tiny-cpu.yaml")

@@ -13,14 +13,15 @@ from typing import Any
 
 import torch
 
-from runner.console import Console, format_step
 from runner.data import IGNORE, MicroBatches, TokenizedData, collate, content_digest, tokenize
+from runner.loading import job_from_dict
 from runner.memory import PeakMemory, cap_gpu_memory
 from runner.model import Trainable, build_tokenizer, build_trainable
 from runner.parallel import distribute, gradient_sync, local_value
-from runner.spec import JobSpec, job_from_dict
-from runner.state import load_state, numeric, report
+from runner.spec import JobSpec
 from runner.tracking import RunLogger
+from runner.train.console import Console, format_step
+from runner.train.state import load_state, numeric, report
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from runner.kernels import check_available
-from runner.spec import (JobSpec, ResourcesSpec, SpecError, dump_yaml, flatten, job_from_dict, map_local_paths,
-                         redact)
+from runner.loading import dump_yaml, flatten, job_from_dict, map_local_paths, redact
+from runner.spec import JobSpec, ResourcesSpec, SpecError
 from runner.storage import Location, absolute, is_uri
 from runner.tracking import CREDENTIAL_ENV, RunLogger, start_run, tracking_uri, without_credentials
-from runner.worker import Probe, train_loop_per_worker
+from runner.train.worker import Probe, train_loop_per_worker
 
 SPEC_FILE = "job.resolved.json"  # the spec a run started with: a resume must match it
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
@@ -188,7 +188,7 @@ def spec_changes(saved: dict, spec: JobSpec) -> list[str]:
 def _predicted_peak(spec: JobSpec) -> float | None:
     """`fitrun estimate` for this job, logged beside the measured peak; never fails the job."""
     try:
-        from runner.estimate import estimate
+        from runner.estimate.trace import estimate
 
         return estimate(spec).peak_gib
     except Exception as e:  # an architecture the trace cannot handle: train anyway, say so

@@ -5,7 +5,7 @@ searcher (`FitSearcher`) uses what is known of memory: it falls as the number of
 k grows and as the micro-batch shrinks, and rises with the LoRA rank; speed falls as k grows. So for
 each column it looks for the smallest k that fits, starting from the memory estimate, bisecting on
 measured results, never launching a config that a measured infeasible result (or the estimate,
-beyond a margin) already rules out. `runner.tune` adapts it to Ray Tune.
+beyond a margin) already rules out. `runner.tune.driver` adapts it to Ray Tune.
 
 Adding a lever as a search dimension: one `lever(...)` field on `Config` (its job field, the
 space field that lists its values, its tag in the key), the space field in `runner.spec`, and the
@@ -20,7 +20,8 @@ import random
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from runner.spec import JobSpec, SearchSpaceSpec, alpha_for, job_from_dict
+from runner.loading import job_from_dict
+from runner.spec import JobSpec, SearchSpaceSpec, alpha_for
 
 
 def lever(job_field: str, space_field: str, default: Any, tags: dict) -> Any:

@@ -17,16 +17,15 @@ from __future__ import annotations
 import json
 import warnings
 from contextlib import contextmanager, nullcontext
-from functools import partial
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
+from peft import PeftModel
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from runner.memory import GIB, TensorMemory
-from peft import PeftModel
-
 from runner.model import Trainable, build_trainable, model_config, resolve_dtype
 from runner.recompute import decoder_layers, resolve_layers
 from runner.spec import ActivationCheckpointingSpec, JobSpec

@@ -10,10 +10,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from runner.search import apply_config, pareto
-from runner.spec import dump_yaml, job_from_dict, map_local_paths
+from runner.loading import dump_yaml, job_from_dict, map_local_paths
 from runner.storage import Location, is_uri, sibling
 from runner.tracking import RunLogger
+from runner.tune.search import apply_config, pareto
 
 
 def summarise(job, space, inner, winner, speed, speed_source, grid_size, started, exclusive, price, parent,
@@ -110,7 +110,8 @@ def rank_choice_note(inner, winner, cheapest: bool) -> str:
         return (f"--cheapest: the fastest config at any rank (r{winner.r}); a smaller LoRA rank trades adapter "
                 "capacity (quality) for speed")
     listed = max(c.r for c in inner.columns)
-    note = f"rank: r{winner.r}, the highest listed rank that fits" if winner.r == listed else         f"rank: r{winner.r}; r{listed} (the highest listed) does not fit the ceiling"
+    note = f"rank: r{winner.r}, the highest listed rank that fits" if winner.r == listed else \
+        f"rank: r{winner.r}; r{listed} (the highest listed) does not fit the ceiling"
     if fastest["config"].r != winner.r:
         note += (f"; --cheapest would pick r{fastest['config'].r} ({fastest['config'].key}, "
                  f"{fastest['tokens_per_s']:,.0f} tokens/s), trading quality for speed")

@@ -1,8 +1,8 @@
 """The Ray Tune driver: the fastest configuration under a memory ceiling.
 
-Trials (`runner.trial`) run concurrently, ⌊card / (ceiling + margin)⌋ to a GPU, steered by the
-structured searcher (`runner.search`); the finalists are then re-measured one at a time for their
-uncontended speed (the exclusive phase), and `runner.report` ranks, tabulates and writes the winner.
+Trials (`runner.tune.trial`) run concurrently, ⌊card / (ceiling + margin)⌋ to a GPU, steered by the
+structured searcher (`runner.tune.search`); the finalists are then re-measured one at a time for their
+uncontended speed (the exclusive phase), and `runner.tune.report` ranks, tabulates and writes the winner.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import json
 from dataclasses import asdict, replace
 from typing import Any
 
-from runner.report import fastest_per_rank, summarise
-from runner.search import Config, FitSearcher, RandomSearcher, expand
-from runner.spec import JobSpec, SearchSpaceSpec, job_from_dict
+from runner.loading import job_from_dict
+from runner.spec import JobSpec, SearchSpaceSpec
 from runner.storage import Location
 from runner.tracking import RunLogger, find_run, start_run, tracking_uri, without_credentials
-from runner.trial import OUTCOME_KEYS, probe_trial
+from runner.tune.report import fastest_per_rank, summarise
+from runner.tune.search import Config, FitSearcher, RandomSearcher, expand
+from runner.tune.trial import OUTCOME_KEYS, probe_trial
 
 GIB = 1024**3
 TRIAL_CPUS = 0.25  # the Tune function only drives its TorchTrainer; the workers hold the real CPUs
@@ -57,7 +58,7 @@ def tune_searcher_class():
             return {"config": asdict(nxt), "predicted_peak_gib": self.inner.predicted.get(nxt.key)}
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-            from runner.search import classify
+            from runner.tune.search import classify
 
             c = self.inner.pending.pop(trial_id, None)
             if c is None:
@@ -85,8 +86,8 @@ def predict_all(job: JobSpec, space: SearchSpaceSpec, columns: list[Config], ks:
     the rest interpolated the same way as `fitrun estimate --sweep`."""
     import ray
 
-    from runner.estimate import estimate_at_k, interpolate_k, k_anchors
-    from runner.search import apply_config
+    from runner.estimate.trace import estimate_at_k, interpolate_k, k_anchors
+    from runner.tune.search import apply_config
 
     @ray.remote(num_cpus=1)
     def trace(spec_dict: dict, k: int, placement: str):
@@ -150,7 +151,7 @@ def _pruned_logger(uri: str, experiment: str, parent_id: str, alpha_rule: str, l
         """A config never launched: predicted over the ceiling, or a column dominated by a smaller rank.
         Same params as a measured child; ends KILLED (it never ran), with the reason."""
         from runner.spec import alpha_for
-        from runner.trial import trial_params
+        from runner.tune.trial import trial_params
 
         key = c.key if predicted_gib is not None else c.key + "-dominated"
         reason = f"predicted {predicted_gib:.3f} GiB > {limit_gib:.3f} GiB (estimate)" if predicted_gib is not None \
@@ -180,8 +181,8 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
     import ray.tune
 
     from runner.kernels import check_available
-    from runner.launch import absolute_paths, init_ray
     from runner.model import model_config
+    from runner.train.driver import absolute_paths, init_ray
 
     winner_base = job.model_copy(update={"model": job.model.model_copy(update={"init": file_init or job.model.init})})
     job = without_credentials(absolute_paths(job))
@@ -284,9 +285,9 @@ def _quality_runs(finalists: list[Config], job: JobSpec, space: SearchSpaceSpec,
     the same tokens, in the same order, from the same seed), one at a time, then evaluated on the job's
     eval split: {config key: eval loss}. Each is a child run (phase `quality`); a resumed search
     reuses a finished one. Nothing when the job has no eval split."""
-    from runner.launch import Stopped, make_trainer
-    from runner.search import apply_config
-    from runner.trial import trial_params
+    from runner.train.driver import Stopped, make_trainer
+    from runner.tune.search import apply_config
+    from runner.tune.trial import trial_params
 
     if not space.quality_steps or not job.data.val_fraction or not finalists:
         return {}

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import copy
 
-from runner.search import LEVERS, Config, classify, set_config
-from runner.spec import JobSpec, SearchSpaceSpec, job_from_dict
+from runner.loading import job_from_dict
+from runner.spec import JobSpec, SearchSpaceSpec
 from runner.tracking import RunLogger, find_run, start_run
-from runner.worker import Probe
+from runner.train.worker import Probe
+from runner.tune.search import LEVERS, Config, classify, set_config
 
 # What a trial reports to Tune and the searcher records: classify()'s outcome.
 OUTCOME_KEYS = ("feasible", "status", "peak_gib", "tokens_per_s", "measured_tokens_per_s", "loss", "oom", "message")
@@ -31,7 +32,8 @@ def trial_params(c: Config, lora_alpha: float) -> dict:
     """The one param set of every child run, measured or pruned, so the UI charts them together."""
     k = "-" if c.k is None else c.k  # a dominated column: no k was ever chosen
     return {"r": c.r, "lora_alpha": lora_alpha, "k": k, "placement": c.placement,
-            **{f.name: getattr(c, f.name) for f in LEVERS}, "micro_batch_size": c.micro_batch_size, "gradient_accumulation_steps": c.gradient_accumulation_steps,
+            **{f.name: getattr(c, f.name) for f in LEVERS}, "micro_batch_size": c.micro_batch_size,
+            "gradient_accumulation_steps": c.gradient_accumulation_steps,
             "checkpointed_layers": k}
 
 
@@ -39,7 +41,7 @@ def probe_trial(config: dict, job: dict, space: dict, uri: str, parent_run_id: s
                 exclusive: bool = False) -> None:
     import ray.tune
 
-    from runner.launch import make_trainer
+    from runner.train.driver import make_trainer
 
     sp = SearchSpaceSpec.model_validate(space)
     c = Config(**config["config"])

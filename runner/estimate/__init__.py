@@ -1,0 +1,1 @@
+"""`fitrun estimate`: peak memory from a fake-tensor trace on the CPU (`trace`)."""
