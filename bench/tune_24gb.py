@@ -15,6 +15,7 @@ from gpu import hardware
 
 from runner.loading import load_job, load_search_space
 from runner.tune.driver import run_tune
+from runner.tune.report import TuneOptions
 from runner.tune.search import Config
 
 
@@ -34,8 +35,8 @@ def main() -> None:
     seed = Config(r=job.lora.r, micro_batch_size=1, gradient_accumulation_steps=job.global_batch_size,
                   placement="first", k=32 if "8b" in args.job else 4)
     start = time.time()
-    s = run_tune(job, space, resume=args.resume, extra_exclusive=[] if args.no_seed else [seed],
-                 winner_path=args.winner)
+    s = run_tune(job, space, TuneOptions(resume=args.resume, extra_exclusive=() if args.no_seed else (seed,),
+                                         winner_path=args.winner))
     wall = time.time() - start
     seed_res = s.get("exclusive", {}).get(seed.key, {})
     seed_tps = seed_res.get("tokens_per_s") or float("nan")

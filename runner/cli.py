@@ -121,12 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "tune":
         from runner.tune.driver import run_tune
+        from runner.tune.report import TuneOptions
 
         if args.gpu_memory_gib is not None:
             space = space.model_copy(update={"gpu_memory_gib": args.gpu_memory_gib})
         try:
-            run_tune(job, space, resume=args.resume, gpu_hour_price=args.gpu_hour_price, winner_path=args.out,
-                     file_init=load_job(args.job).model.init, cheapest=args.cheapest)
+            run_tune(job, space, TuneOptions(resume=args.resume, gpu_hour_price=args.gpu_hour_price,
+                                             winner_path=args.out, file_init=load_job(args.job).model.init,
+                                             cheapest=args.cheapest))
         except SpecError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

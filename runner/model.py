@@ -16,8 +16,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from runner.kernels import apply_kernels, compile_layers
 from runner.loss import CausalLMLoss
 from runner.quant import bnb_config, quantize_fp8, quantize_linear_layers
-from runner.recompute import apply_checkpointing, check_gradient_flow, decoder_layers, lora_parameters, resolve_layers
-from runner.spec import BITSANDBYTES, JobSpec, LoraSpec, ModelSpec, TokenizerSpec
+from runner.recompute import (
+    apply_checkpointing,
+    check_gradient_flow,
+    decoder_layers,
+    lora_parameters,
+    offload_applies,
+    resolve_layers,
+)
+from runner.spec import BITSANDBYTES, PRESET_NUM_LAYERS, JobSpec, LoraSpec, ModelSpec, TokenizerSpec
 
 __all__ = ["Trainable", "build_trainable", "build_model", "build_tokenizer", "decoder_layers", "lora_parameters",
            "model_config", "preset_config", "wrap_lora"]
@@ -30,11 +37,13 @@ def preset_config(preset: str) -> LlamaConfig:
     common = dict(tie_word_embeddings=False, use_cache=False, bos_token_id=0, eos_token_id=1, pad_token_id=5)
     if preset == "tiny":
         # Matches the shipped tokenizer (data/tokenizer, 1024 tokens); real Llama layout, toy widths.
-        return LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
+        return LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=176,
+                           num_hidden_layers=PRESET_NUM_LAYERS["tiny"],
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                            rms_norm_eps=1e-5, **common)
     if preset == "llama3-8b":
-        return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                           num_hidden_layers=PRESET_NUM_LAYERS["llama3-8b"],
                            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
                            rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
                            **common)
@@ -151,7 +160,7 @@ def build_trainable(spec: JobSpec, device: torch.device, vocab_size: int | None 
     num_layers = len(decoder_layers(model))
     ac = spec.activation_checkpointing
     layers = resolve_layers(ac, num_layers) if layers is None else layers
-    apply_checkpointing(model, layers, ac.offload and device.type == "cuda", ac.policy)
+    apply_checkpointing(model, layers, offload_applies(ac, device.type), ac.policy)
     if not meta:
         apply_kernels(model, spec.training.kernels)
     model.train()

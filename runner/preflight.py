@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 from runner.data import conversation_fields, normalize_conversation, required_columns
 from runner.loading import looks_local, redact
-from runner.spec import JobSpec, SpecError
+from runner.spec import JobSpec, SpecError, layer_range_problems
 from runner.storage import Location, is_uri
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -201,13 +201,7 @@ def _check_architecture(spec: JobSpec) -> list[str]:
         config = model_config(spec.model, allow_builtin=True)
     except Exception as e:
         return [f"model.name_or_path: cannot read the model's config ({type(e).__name__}: {str(e)[:160]})"]
-    problems = []
-    n = config.num_hidden_layers
-    ac = spec.activation_checkpointing
-    if isinstance(ac.layers, list) and ac.layers and max(ac.layers) >= n:
-        problems.append(f"activation_checkpointing.layers: the model has {n} layers (0..{n - 1}), got {max(ac.layers)}")
-    if ac.count is not None and ac.count > n:
-        problems.append(f"activation_checkpointing.count: the model has {n} layers, got {ac.count}")
+    problems = layer_range_problems(spec.activation_checkpointing, config.num_hidden_layers)
     targets = spec.lora.target_modules
     if targets != "all-linear":
         with torch.device("meta"):

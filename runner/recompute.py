@@ -7,12 +7,13 @@ recomputes exactly the chosen layers; the rest keep their activations.
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from runner.spec import ActivationCheckpointingSpec
+from runner.spec import ActivationCheckpointingSpec, layer_range_problems
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -28,10 +29,11 @@ def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 def resolve_layers(spec: ActivationCheckpointingSpec, num_layers: int) -> list[int]:
     """The sorted 0-based indices of the layers to recompute."""
+    problems = layer_range_problems(spec, num_layers)
+    if problems:
+        raise ValueError("; ".join(problems))
     if spec.count is not None:
         k = spec.count
-        if k > num_layers:
-            raise ValueError(f"activation_checkpointing.count={k} but the model has {num_layers} layers")
         if spec.placement == "first":
             return list(range(k))
         if spec.placement == "last":
@@ -41,10 +43,23 @@ def resolve_layers(spec: ActivationCheckpointingSpec, num_layers: int) -> list[i
         return []
     if spec.layers == "all":
         return list(range(num_layers))
-    bad = [i for i in spec.layers if i >= num_layers]
-    if bad:
-        raise ValueError(f"activation_checkpointing.layers {bad} out of range: the model has {num_layers} layers")
     return sorted(spec.layers)
+
+
+def offload_applies(spec: ActivationCheckpointingSpec, device_type: str) -> bool:
+    """Whether `activation_checkpointing.offload` takes effect: it moves checkpointed inputs from a CUDA
+    device to pinned host memory, so on the CPU there is nothing to move (said once, never silently).
+    The one rule for the model build and the estimate."""
+    if spec.offload and device_type != "cuda":
+        if not _OFFLOAD_WARNED:
+            _OFFLOAD_WARNED.append(True)
+            warnings.warn("activation_checkpointing.offload moves checkpointed inputs off a CUDA device; on the "
+                          "CPU it has no effect", stacklevel=2)
+        return False
+    return spec.offload
+
+
+_OFFLOAD_WARNED: list[bool] = []
 
 
 def _offloaded_checkpoint(function, *args, **kwargs):

@@ -28,7 +28,8 @@ class _Strict(BaseModel):
 # Job spec
 
 
-PRESETS = ("tiny", "llama3-8b")
+PRESET_NUM_LAYERS = {"tiny": 4, "llama3-8b": 32}  # model.preset -> decoder layers (runner.model builds them)
+PRESETS = tuple(PRESET_NUM_LAYERS)
 
 
 BITSANDBYTES = ("nf4", "int8")  # model.quantization values that run bitsandbytes' CUDA kernels
@@ -122,6 +123,31 @@ class LoraSpec(_Strict):
     `bf16=True`, without its per-adapter input copies)."""
 
 
+def lever_conflicts(quantization: str, parallelism: str, offload: bool, policy: str) -> list[str]:
+    """Lever pairs that cannot run together. The one rule: the job's validation and the search's
+    `Config.valid` both call it, so a search never proposes a job that would not validate."""
+    problems = []
+    if offload and policy == "selective":
+        problems.append("activation_checkpointing.offload works with policy: full only")
+    if parallelism == "fsdp" and quantization != "none":
+        problems.append("resources.parallelism: fsdp with model.quantization: quantized frozen weights (packed "
+                        "4-bit, int8, fp8 with scales) are not sharded by FSDP2 here; use parallelism: ddp for a "
+                        "quantized base")
+    return problems
+
+
+def layer_range_problems(ac: "ActivationCheckpointingSpec", num_layers: int) -> list[str]:
+    """What in `ac` the model's `num_layers` decoder layers cannot hold. The one check: the spec (presets,
+    whose depth is known), preflight (the real config) and `recompute.resolve_layers` all call it."""
+    problems = []
+    if isinstance(ac.layers, list) and ac.layers and max(ac.layers) >= num_layers:
+        problems.append(f"activation_checkpointing.layers: the model has {num_layers} layers "
+                        f"(0..{num_layers - 1}), got index {max(ac.layers)}")
+    if ac.count is not None and ac.count > num_layers:
+        problems.append(f"activation_checkpointing.count: the model has {num_layers} layers, got {ac.count}")
+    return problems
+
+
 class ActivationCheckpointingSpec(_Strict):
     layers: Literal["none", "all"] | list[int] = "none"
     """`none`, `all`, or explicit 0-based decoder-layer indices to recompute."""
@@ -137,8 +163,6 @@ class ActivationCheckpointingSpec(_Strict):
 
     @model_validator(mode="after")
     def _count_or_layers(self) -> "ActivationCheckpointingSpec":
-        if self.offload and self.policy == "selective":
-            raise ValueError("activation_checkpointing.offload works with policy: full only")
         if self.count is not None and self.layers != "none":
             raise ValueError("set either activation_checkpointing.layers or activation_checkpointing.count, not both")
         if isinstance(self.layers, list):
@@ -252,10 +276,8 @@ class JobSpec(_Strict):
         if self.model.quantization == "fp8" and self.resources.use_gpu and self.model.dtype not in ("auto", "bfloat16"):
             problems.append(f"model.quantization: fp8 computes in bfloat16 on CUDA (fp8 matmuls with row scales "
                             f"return bf16), not {self.model.dtype}: set model.dtype: bfloat16")
-        if self.resources.parallelism == "fsdp" and self.model.quantization != "none":
-            problems.append("resources.parallelism: fsdp with model.quantization: quantized frozen weights (packed "
-                            "4-bit, int8, fp8 with scales) are not sharded by FSDP2 here; use parallelism: ddp for a "
-                            "quantized base")
+        ac = self.activation_checkpointing
+        problems += lever_conflicts(self.model.quantization, self.resources.parallelism, ac.offload, ac.policy)
         if self.resources.gpu_memory_gib is not None and not self.resources.use_gpu:
             problems.append("resources.gpu_memory_gib needs resources.use_gpu: true")
         liger = [f for f, on in (("training.kernels: liger", self.training.kernels == "liger"),
@@ -265,13 +287,8 @@ class JobSpec(_Strict):
         if self.data.packing and self.data.pad_to_sequence_len:
             problems.append("data.packing and data.pad_to_sequence_len are exclusive: packed blocks are always full")
         num_layers = preset_num_layers(self.model.preset)
-        ac = self.activation_checkpointing
         if num_layers is not None:
-            if isinstance(ac.layers, list) and ac.layers and max(ac.layers) >= num_layers:
-                problems.append(f"activation_checkpointing.layers: model has {num_layers} layers (0..{num_layers - 1}), "
-                                f"got index {max(ac.layers)}")
-            if ac.count is not None and ac.count > num_layers:
-                problems.append(f"activation_checkpointing.count: model has {num_layers} layers, got {ac.count}")
+            problems += layer_range_problems(self.activation_checkpointing, num_layers)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -290,7 +307,7 @@ class JobSpec(_Strict):
 
 
 def preset_num_layers(preset: str | None) -> int | None:
-    return {"tiny": 4, "llama3-8b": 32}.get(preset) if preset else None
+    return PRESET_NUM_LAYERS.get(preset) if preset else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,13 +386,27 @@ def alpha_for(rule: str, r: int) -> float:
     return float(eval(rule, {"__builtins__": {}}, {"r": r}))  # noqa: S307 - characters checked above
 
 
+def space_accumulations(job: JobSpec, space: SearchSpaceSpec) -> list[int]:
+    """The accumulation steps a search tries: the space's list, else the job's own."""
+    return space.gradient_accumulation_steps or [job.training.gradient_accumulation_steps]
+
+
+def micro_batch_for(job: JobSpec, accumulation: int) -> int | None:
+    """The micro-batch that keeps the job's global batch at `accumulation` steps per optimizer step
+    (micro x accumulation x workers = global), or None where that does not divide. The one rule:
+    `check_space` refuses what `tune.search.expand` could not build."""
+    per_step = accumulation * job.resources.num_workers
+    if accumulation <= 0 or job.global_batch_size % per_step:
+        return None
+    return job.global_batch_size // per_step
+
+
 def check_space(job: JobSpec, space: SearchSpaceSpec, num_layers: int) -> None:
     """Everything about a space that needs the job and the model's depth; all problems at once.
     `fitrun validate --space` and `fitrun tune` both call this, so they accept the same spaces."""
     problems = []
     workers, global_batch = job.resources.num_workers, job.global_batch_size
-    accums = space.gradient_accumulation_steps or [job.training.gradient_accumulation_steps]
-    bad = [a for a in accums if global_batch % (a * workers)]
+    bad = [a for a in space_accumulations(job, space) if micro_batch_for(job, a) is None]
     if bad:
         problems.append(f"gradient_accumulation_steps: {bad} do not divide the job's global batch {global_batch} "
                         f"(= micro {job.training.micro_batch_size} x accum {job.training.gradient_accumulation_steps}"

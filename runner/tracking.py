@@ -128,6 +128,14 @@ def find_run(uri: str, experiment: str, filter_string: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def find_child(uri: str, experiment: str, parent_id: str, tags: dict[str, str], status: str | None = None) -> str | None:
+    """The newest child of `parent_id` with these tags (and this status, when given), or None."""
+    clauses = [f"tags.mlflow.parentRunId = '{parent_id}'", *(f"tags.{k} = '{v}'" for k, v in tags.items())]
+    if status:
+        clauses.append(f"attributes.status = '{status}'")
+    return find_run(uri, experiment, " and ".join(clauses))
+
+
 class RunLogger:
     """Rank-0 logging into an existing run from any process (Ray worker, Tune trial, driver)."""
 
@@ -204,6 +212,14 @@ class RunLogger:
 
     def status(self) -> str:
         return self.client.get_run(self.run_id).info.status
+
+    def reopen(self) -> None:
+        """Mark an ended run RUNNING again: a resumed job or search goes on logging into it."""
+        self.client.update_run(self.run_id, status="RUNNING")
+
+    def latest_metrics(self) -> dict[str, float]:
+        """The run's metrics, each at its latest value."""
+        return dict(self.client.get_run(self.run_id).data.metrics)
 
     def last_step(self, metric: str) -> int:
         """The highest step already logged for `metric` (0 if none): a resumed run logs after it."""

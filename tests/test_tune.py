@@ -354,7 +354,9 @@ def test_parallelism_is_a_search_dimension_at_the_jobs_world_size(root, monkeypa
 @pytest.mark.parametrize("n_concurrent,exclusive_finalists", [(1, 0), (1, 2), (2, 0)])
 def test_winner_without_re_measurement_is_the_fastest_fit(root, monkeypatch, n_concurrent, exclusive_finalists):
     """One trial at a time (a 2-worker search on 2 GPUs), or no re-measurement asked: the probes rank."""
-    from runner.tune.driver import _rank_finalists
+    from runner.tune.driver import rank_finalists
+    from runner.tune.report import TuneOptions
+    from runner.tune.session import Search
 
     monkeypatch.chdir(root)
     job = load_job("jobs/llama3-8b-lora-24gb-bf16.yaml")
@@ -365,16 +367,18 @@ def test_winner_without_re_measurement_is_the_fastest_fit(root, monkeypatch, n_c
         searcher.record(c, classify({"peak_gib": peak, "tokens_per_s": speed, "oom": 0}, searcher.limit_gib))
     space = load_search_space(os.path.join(root, "search_spaces/fit-24gb-2gpu.yaml"),
                               [f"exclusive_finalists={exclusive_finalists}"])
-    winner, speed, source, exclusive = _rank_finalists(searcher, job, space, "", "", None, n_concurrent, [], cheapest=True)
-    assert winner["config"] == columns[0].at_k(11) and speed(winner) == 23000.0 and exclusive == {}
-    assert source.startswith("packed")
+    outcome = rank_finalists(Search(job, space, "", "", None), searcher, n_concurrent, TuneOptions(cheapest=True))
+    winner = outcome.winner
+    assert winner["config"] == columns[0].at_k(11) and outcome.speed(winner) == 23000.0 and outcome.exclusive == {}
+    assert outcome.speed_source.startswith("packed")
 
 
 def test_rank_is_a_quality_choice(root, monkeypatch):
     """Every rank is measured; the winner is at the highest rank that fits unless --cheapest; the
     report gives each rank's fastest fitting config."""
-    from runner.tune.driver import _rank_finalists
-    from runner.tune.report import rank_choice_note, rank_lines
+    from runner.tune.driver import rank_finalists
+    from runner.tune.report import TuneOptions, rank_choice_note, rank_lines
+    from runner.tune.session import Search
 
     monkeypatch.chdir(root)
     job = load_job("jobs/llama3-8b-lora.yaml")
@@ -385,8 +389,9 @@ def test_rank_is_a_quality_choice(root, monkeypatch):
     for c, peak, speed in ((columns[0].at_k(11), 23.3, 12500.0), (columns[1].at_k(13), 23.4, 11800.0),
                            (columns[2].at_k(32), 25.0, 0.0)):
         searcher.record(c, classify({"peak_gib": peak, "tokens_per_s": speed, "oom": 0}, searcher.limit_gib))
-    default, *_ = _rank_finalists(searcher, job, space, "", "", None, 1, [], cheapest=False)
-    cheapest, *_ = _rank_finalists(searcher, job, space, "", "", None, 1, [], cheapest=True)
+    search = Search(job, space, "", "", None)
+    default = rank_finalists(search, searcher, 1, TuneOptions(cheapest=False)).winner
+    cheapest = rank_finalists(search, searcher, 1, TuneOptions(cheapest=True)).winner
     assert default["config"].key == "r16-mb1-acc16-first-k13" and cheapest["config"].key == "r8-mb1-acc16-first-k11"
     note = rank_choice_note(searcher, default["config"], cheapest=False)
     assert "r64 (the highest listed) does not fit" in note and "--cheapest would pick r8" in note
@@ -406,7 +411,8 @@ def test_resumed_quality_phase_replaces_the_run_a_dead_driver_left_running(root,
     from runner.storage import Location
     from runner.tracking import RunLogger, start_run
     from runner.train.driver import absolute_paths, init_ray
-    from runner.tune.driver import _quality_runs
+    from runner.tune.driver import quality_runs
+    from runner.tune.session import Search
 
     monkeypatch.chdir(root)
     monkeypatch.setenv("FITRUN_PROGRESS", "0")
@@ -426,7 +432,7 @@ def test_resumed_quality_phase_replaces_the_run_a_dead_driver_left_running(root,
 
     init_ray(None)
     try:
-        losses = _quality_runs([done, stale], job, space, uri, parent, Location(f"{tmp_path}/out") / "tune")
+        losses = quality_runs(Search(job, space, uri, parent, Location(f"{tmp_path}/out")), [done, stale])
     finally:
         ray.shutdown()
     assert losses[done.key] == 1.25 and losses[stale.key] > 0

@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from runner.memory import GIB, TensorMemory
 from runner.model import Trainable, build_trainable, model_config, resolve_dtype
-from runner.recompute import decoder_layers, resolve_layers
+from runner.recompute import decoder_layers, offload_applies, resolve_layers
 from runner.spec import ActivationCheckpointingSpec, JobSpec
 
 # CUDA-only terms, fitted to the five runs of bench/results/train-placements-2026-11-29.md (8B, H200):
@@ -306,7 +306,7 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
         int8_kept = _int8_kept(model, len(decoder_layers(model)) + trace.untraced, len(layers), b * s * dtype.itemsize,
                               compiled=spec.training.compile)
         after_forward, forward_peak, peak = after_forward + int8_kept, forward_peak + int8_kept, peak + int8_kept
-    offloaded = checkpointed_inputs if spec.activation_checkpointing.offload and target == "cuda" else 0
+    offloaded = checkpointed_inputs if offload_applies(spec.activation_checkpointing, target) else 0
     cuda_extra = CUDA_EXTRA_GIB * GIB if target == "cuda" else 0.0
     allocated = peak + optimizer_state + ddp_buckets - offloaded + cuda_extra
     overhead = allocated * RESERVED_OVERHEAD + stream_pool if target == "cuda" else 0.0

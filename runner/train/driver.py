@@ -72,15 +72,14 @@ def scaling_config(res: ResourcesSpec):
 def make_trainer(spec: JobSpec, run_name: str, storage_path: str, uri: str | None, run_id: str | None,
                  probe: Probe | None = None):
     """The TorchTrainer for `spec`: a job (checkpoints kept, resumable, restarted after a worker
-    dies up to `training.max_failures` times) or a probe (`probe` set: never restarted)."""
+    dies up to `training.max_failures` times) or a probe (`probe` set; its spec asks for no restarts)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     config = {"spec": spec.to_dict(), "tracking_uri": uri, "run_id": run_id,
               **({"probe": probe.to_dict()} if probe else {})}
     on_cluster = bool(spec.resources.address or os.environ.get("RAY_ADDRESS"))
-    max_failures = 0 if probe else spec.training.max_failures if spec.training.max_failures is not None else \
-        3 if on_cluster else 0
+    max_failures = spec.training.max_failures if spec.training.max_failures is not None else 3 if on_cluster else 0
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -266,7 +265,7 @@ def _open_run(spec: JobSpec, out: Location, uri: str, resume_from: Location | No
             old.tags({"fitrun.recovered": "the previous driver died without closing this run; resumed from "
                                           f"{resume_from.name}"})
             print(f"MLflow run {old.run_id} was left RUNNING by a driver that died; resuming it", flush=True)
-        old.client.update_run(old.run_id, status="RUNNING")
+        old.reopen()
         if changes:
             old.tags({"fitrun.changes_on_resume": "; ".join(changes)[:5000]})
         old.text(dump_yaml(spec), f"job-resumed-{resume_from.name}.yaml" if changes else "job.yaml")

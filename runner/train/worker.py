@@ -26,12 +26,12 @@ from runner.train.state import load_state, numeric, report
 
 @dataclass(frozen=True)
 class Probe:
-    """A tuner trial: a few steps under the memory ceiling, measured, no checkpoints."""
+    """What a tuner trial needs beyond its spec. `runner.tune.trial.probe_spec` writes the rest into the
+    spec (its steps and warm-up, no saves, no eval, no restarts, the CUDA cap). A probe's OOM is a
+    result, not a failure."""
 
-    warmup_steps: int
-    steps: int
-    ceiling_gib: float          # the one route of the ceiling: CUDA cap, or the CPU tensor-byte limit
-    true_accum: int             # the job's accumulation (the probe runs at most 2 micro-batches a step)
+    true_accum: int                  # the job's accumulation (the probe runs at most 2 micro-batches a step)
+    cpu_limit_gib: float | None      # on CPU, the ceiling as a tensor-byte limit (CUDA has its cap)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,7 +89,7 @@ def setup(spec: JobSpec, probe: Probe | None, tracking_uri: str | None, run_id: 
 
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    device = _device(spec, probe)
+    device = _device(spec)
     console = Console(rank)
     t = spec.training
 
@@ -98,7 +98,7 @@ def setup(spec: JobSpec, probe: Probe | None, tracking_uri: str | None, run_id: 
     pad_to = spec.data.sequence_len if spec.data.pad_to_sequence_len else None
     batches = MicroBatches(data.train, t.micro_batch_size, tok.pad_token_id, t.seed, rank, world_size, pad_to)
     steps_per_epoch = max(1, batches.per_epoch // t.gradient_accumulation_steps)
-    max_steps = probe.warmup_steps + probe.steps if probe else (t.max_steps or math.ceil(t.num_epochs * steps_per_epoch))
+    max_steps = t.max_steps or math.ceil(t.num_epochs * steps_per_epoch)
     console.say(data.summary_line())
     console.say(f"batch: micro {t.micro_batch_size} x accum {t.gradient_accumulation_steps} x workers {world_size} "
                 f"= global {t.micro_batch_size * t.gradient_accumulation_steps * world_size}; {max_steps} steps")
@@ -119,7 +119,7 @@ def setup(spec: JobSpec, probe: Probe | None, tracking_uri: str | None, run_id: 
               scheduler, max_steps, console=console, logger=logger)
 
     resume = ray.train.get_checkpoint()  # Ray restores the run's latest checkpoint (same name + storage)
-    if resume is not None and probe is None:
+    if resume is not None:
         with resume.as_directory() as resume_dir:
             state = load_state(resume_dir, trainable.model, optimizer, scheduler, device)
         run.step, batches.position = state["step"], state["data_position"]
@@ -134,7 +134,7 @@ def setup(spec: JobSpec, probe: Probe | None, tracking_uri: str | None, run_id: 
     return run
 
 
-def _device(spec: JobSpec, probe: Probe | None) -> torch.device:
+def _device(spec: JobSpec) -> torch.device:
     """This worker's device, capped at the memory ceiling on CUDA (the CPU limit is set in the loop)."""
     import ray.train.torch
 
@@ -144,9 +144,8 @@ def _device(spec: JobSpec, probe: Probe | None) -> torch.device:
     if device.type != "cuda":
         raise RuntimeError("resources.use_gpu is true but this worker has no CUDA device")
     torch.cuda.set_device(device)
-    ceiling = probe.ceiling_gib if probe else spec.resources.gpu_memory_gib
-    if ceiling:
-        cap_gpu_memory(device, ceiling)
+    if spec.resources.gpu_memory_gib:
+        cap_gpu_memory(device, spec.resources.gpu_memory_gib)
     return device
 
 
@@ -154,9 +153,9 @@ def loop(run: Run) -> tuple[dict[str, float], dict[str, float], str | None]:
     """Train to max_steps: step, measure, evaluate, log, checkpoint. Returns (totals over the measured
     steps, the last step's metrics, a probe's OOM message or None)."""
     probe, t = run.probe, run.spec.training
-    cpu_limit = probe.ceiling_gib if probe and run.device.type != "cuda" else None
+    cpu_limit = probe.cpu_limit_gib if probe else None
     memory = PeakMemory(run.device, baseline=list(run.trainable.model.parameters()), limit_gib=cpu_limit)
-    measure_from = probe.warmup_steps if probe else min(t.measure_warmup_steps, max(0, run.max_steps - 1))
+    measure_from = min(t.measure_warmup_steps, max(0, run.max_steps - 1))
     totals = {"tokens": 0, "trainable_tokens": 0, "time_s": 0.0, "peak_allocated_gib": 0.0, "peak_reserved_gib": 0.0,
               "micro_batch_time_s": 0.0, "optimizer_time_s": 0.0, "measured_steps": 0}
     metrics: dict[str, float] = {}
@@ -176,7 +175,7 @@ def loop(run: Run) -> tuple[dict[str, float], dict[str, float], str | None]:
                     run.console.progress(run.step)
                     run.console.say(format_step(metrics, run.max_steps))
                     _log(run, metrics)
-                if not probe and t.save_steps and run.step % t.save_steps == 0 and run.step < run.max_steps:
+                if t.save_steps and run.step % t.save_steps == 0 and run.step < run.max_steps:
                     _check_run_open(run)
                     report(metrics, run.rank, run.step, state={
                         "model": run.trainable.model, "optimizer": run.optimizer, "scheduler": run.scheduler,

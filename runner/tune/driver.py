@@ -2,7 +2,9 @@
 
 Trials (`runner.tune.trial`) run concurrently, ⌊card / (ceiling + margin)⌋ to a GPU, steered by the
 structured searcher (`runner.tune.search`); the finalists are then re-measured one at a time for their
-uncontended speed (the exclusive phase), and `runner.tune.report` ranks, tabulates and writes the winner.
+uncontended speed (the exclusive phase), each rank's fastest is trained a few steps for its eval loss
+(the quality phase), and `runner.tune.report` tabulates and writes the winner. The search's parent run,
+children and folders belong to one `Search` (`runner.tune.session`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from typing import Any
 from runner.loading import job_from_dict
 from runner.spec import JobSpec, SearchSpaceSpec
 from runner.storage import Location
-from runner.tracking import RunLogger, find_run, start_run, tracking_uri, without_credentials
-from runner.tune.report import fastest_per_rank, summarise
+from runner.tracking import start_run, tracking_uri, without_credentials
+from runner.tune.report import Outcome, TuneOptions, fastest_per_rank, summarise
 from runner.tune.search import Config, FitSearcher, RandomSearcher, expand
-from runner.tune.trial import OUTCOME_KEYS, probe_trial
+from runner.tune.session import Search
+from runner.tune.trial import OUTCOME_KEYS, measure, probe_trial
 
 GIB = 1024**3
 TRIAL_CPUS = 0.25  # the Tune function only drives its TorchTrainer; the workers hold the real CPUs
@@ -137,33 +140,11 @@ def _card_gib() -> float:
         return torch.cuda.get_device_properties(0).total_memory / GIB
 
 
-def _trainable(job: JobSpec, space: SearchSpaceSpec, uri: str, parent_id: str, storage: Location, exclusive: bool):
+def _trainable(search: Search):
     import ray.tune
 
-    return ray.tune.with_resources(
-        ray.tune.with_parameters(probe_trial, job=job.to_dict(), space=space.model_dump(mode="json"), uri=uri,
-                                 parent_run_id=parent_id, storage=str(storage / "train"), exclusive=exclusive),
-        {"cpu": TRIAL_CPUS})
-
-
-def _pruned_logger(uri: str, experiment: str, parent_id: str, alpha_rule: str, limit_gib: float):
-    def on_pruned(c: Config, predicted_gib: float | None) -> None:
-        """A config never launched: predicted over the ceiling, or a column dominated by a smaller rank.
-        Same params as a measured child; ends KILLED (it never ran), with the reason."""
-        from runner.spec import alpha_for
-        from runner.tune.trial import trial_params
-
-        key = c.key if predicted_gib is not None else c.key + "-dominated"
-        reason = f"predicted {predicted_gib:.3f} GiB > {limit_gib:.3f} GiB (estimate)" if predicted_gib is not None \
-            else "dominated: a smaller rank fits with no more checkpointed layers"
-        run = start_run(uri, experiment, f"pruned-{key}", parent_run_id=parent_id,
-                        params=trial_params(c, alpha_for(alpha_rule, c.r)),
-                        tags={"status": "pruned", "fitrun_config": key, "fitrun_phase": "pruned", "fitrun.kind": "trial",
-                              "reason": "estimate" if predicted_gib is not None else "dominated"})
-        logger = RunLogger(uri, run)
-        logger.metrics({"feasible": 0.0, **({"predicted_peak_gib": predicted_gib} if predicted_gib is not None else {})})
-        logger.end(ok=False, status="KILLED", reason=f"never run: {reason}")
-    return on_pruned
+    return ray.tune.with_resources(ray.tune.with_parameters(probe_trial, search=search.to_dict()),
+                                   {"cpu": TRIAL_CPUS})
 
 
 def _on_result(c: Config, res: dict) -> None:
@@ -172,11 +153,13 @@ def _on_result(c: Config, res: dict) -> None:
           f"{res.get('measured_tokens_per_s', 0.0):>10,.0f} tok/s", flush=True)
 
 
-def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hour_price: float | None = None,
-             winner_path: str | None = None, extra_exclusive: list[Config] = (), file_init: str | None = None,
-             cheapest: bool = False) -> dict[str, Any]:
-    """Run the search; print and return the winner, the frontier and the counts. The winner's job file
-    starts from `job` as given, with `file_init` (the job file's model.init, when a dry run overrode it).
+def _alone(job: JobSpec) -> JobSpec:
+    """The job with a whole GPU per worker: a run that measures speed without contention."""
+    return job.model_copy(update={"resources": job.resources.model_copy(update={"gpus_per_worker": 1.0})})
+
+
+def run_tune(job: JobSpec, space: SearchSpaceSpec, options: TuneOptions = TuneOptions()) -> dict[str, Any]:
+    """Run the search; print and return the winner, the frontier and the counts.
     Long on purpose: the driver reads top to bottom (set up or resume, search, rank, report)."""
     import ray.tune
 
@@ -184,56 +167,59 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
     from runner.model import model_config
     from runner.train.driver import absolute_paths, init_ray
 
-    winner_base = job.model_copy(update={"model": job.model.model_copy(update={"init": file_init or job.model.init})})
+    winner_base = job.model_copy(update={"model": job.model.model_copy(update={"init": options.file_init
+                                                                                or job.model.init})})
+    options = replace(options, winner_base=winner_base)
     job = without_credentials(absolute_paths(job))
     check_available(job.training)
     num_layers = model_config(job.model, allow_builtin=True).num_hidden_layers
     columns, ks = expand(job, space, num_layers)  # raises SpecError before anything runs
     out = Location(job.output_dir)
-    storage = out / "tune"
     out.mkdir()
     uri = tracking_uri(job.tracking)
     parent_file, state_file = out / "tune_parent_run_id", out / STATE_FILE
     started = datetime.datetime.now()
 
+    # Set up, or resume: the parent run and the searcher's state from the output folder.
     init_ray(job.resources.address)
     n_concurrent, gpu_fraction = concurrency(job, space, TRIAL_CPUS)
     if job.resources.use_gpu:
         job = job.model_copy(update={"resources": job.resources.model_copy(update={"gpus_per_worker": gpu_fraction})})
     # Rank is a quality choice: every rank is measured unless the user asked for the cheapest config,
     # where a larger rank that cannot beat a smaller one need not run.
-    kw = {"prune_margin_pct": space.prune_margin_pct, "prune_dominated": space.prune_dominated and cheapest}
+    kw = {"prune_margin_pct": space.prune_margin_pct, "prune_dominated": space.prune_dominated and options.cheapest}
     inner = RandomSearcher(columns, ks, space.limit_gib, num_samples=space.num_samples, **kw) \
         if space.searcher == "random" else FitSearcher(columns, ks, space.limit_gib, **kw)
     searcher = tune_searcher_class()(inner, state_file, _on_result)
-    if resume and parent_file.exists() and state_file.exists():
-        parent_id = parent_file.read_text().strip()
+    if options.resume and parent_file.exists() and state_file.exists():
+        search = Search(job, space, uri, parent_file.read_text().strip(), out)
         searcher.restore(str(state_file))
-        RunLogger(uri, parent_id).client.update_run(parent_id, status="RUNNING")
+        search.parent.reopen()
         print(f"resuming search: {len(inner.results)} trials done, {len(inner.pruned)} pruned", flush=True)
     else:
         for f in (parent_file, state_file):
             f.unlink()
-        storage.rmtree()
+        (out / "tune").rmtree()
         parent_id = start_run(uri, job.tracking.experiment_name, f"tune-{job.name}",
                               params={"space": space.model_dump(mode="json"), "job": job.name,
                                       "ceiling_gib": space.gpu_memory_gib}, tags={"fitrun.kind": "tune"})
+        search = Search(job, space, uri, parent_id, out)
         parent_file.write_text(parent_id)
         target = "cuda" if job.resources.use_gpu else "cpu"
         inner.predicted = predict_all(job, space, columns, ks, target, num_layers) if space.prune_with_estimate else {}
-    searcher.on_pruned = _pruned_logger(uri, job.tracking.experiment_name, parent_id, space.lora_alpha_rule,
-                                        space.limit_gib)
-    parent = RunLogger(uri, parent_id)
+    searcher.on_pruned = search.log_pruned
     grid_size = len(columns) * len(ks)
     print(f"search: {len(columns)} columns x {len(ks)} k = {grid_size} configs; ceiling {space.gpu_memory_gib} GiB "
-          f"(margin {space.safety_margin_gib}); {n_concurrent} trial(s) at once; MLflow parent run {parent_id}",
+          f"(margin {space.safety_margin_gib}); {n_concurrent} trial(s) at once; MLflow parent run {search.parent_id}",
           flush=True)
 
+    # The packed phase: Tune runs the searcher's configs, n_concurrent at a time.
     tuner = ray.tune.Tuner(
-        _trainable(job, space, uri, parent_id, storage, exclusive=False),
+        _trainable(search),
         tune_config=ray.tune.TuneConfig(search_alg=searcher, num_samples=grid_size,
                                         max_concurrent_trials=n_concurrent, reuse_actors=False),
-        run_config=ray.tune.RunConfig(name=f"search-{len(storage.names('search-'))}", storage_path=str(storage),
+        run_config=ray.tune.RunConfig(name=f"search-{len(search.storage.names('search-'))}",
+                                      storage_path=str(search.storage),
                                       failure_config=ray.tune.FailureConfig(max_failures=0), verbose=1),
     )
     tuner.fit()
@@ -242,80 +228,72 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, resume: bool = False, gpu_hou
         print(f"search interrupted after {len(inner.results)} trial(s); continue it with --resume", flush=True)
         raise SystemExit(130)
 
-    winner, speed, speed_source, exclusive = _rank_finalists(inner, job, space, uri, parent_id, storage,
-                                                             n_concurrent, extra_exclusive, cheapest)
-    quality = _quality_runs([res["config"] for res in fastest_per_rank(inner)], job, space, uri, parent_id, storage)
-    summary = summarise(job, space, inner, winner, speed, speed_source, grid_size, started, exclusive,
-                        gpu_hour_price, parent, winner_path, out, winner_base=winner_base, cheapest=cheapest,
-                        quality=quality)
-    parent.end(ok=winner is not None)
+    # Rank (the exclusive phase where probes shared a card), the quality phase, the report.
+    outcome = rank_finalists(search, inner, n_concurrent, options)
+    outcome.grid_size, outcome.started = grid_size, started
+    outcome.quality = quality_runs(search, [res["config"] for res in fastest_per_rank(inner)])
+    summary = summarise(search, outcome, options)
+    search.parent.end(ok=outcome.winner is not None)
     return summary
 
 
-def _rank_finalists(inner, job, space, uri, parent_id, storage, n_concurrent, extra_exclusive, cheapest: bool):
+def rank_finalists(search: Search, inner: FitSearcher, n_concurrent: int, options: TuneOptions) -> Outcome:
     """The columns' best configs ranked by uncontended speed: re-measured one at a time when probes
-    shared the card. Only the highest rank that fits competes unless `cheapest`. Returns (winner or
-    None, speed function, its label, exclusive results)."""
+    shared the card. Only the highest rank that fits competes unless `options.cheapest`."""
     best = sorted(inner.best_per_column(), key=lambda res: -res["tokens_per_s"])
-    if best and not cheapest:
+    if best and not options.cheapest:
         top = max(res["config"].r for res in best)
         best = [res for res in best if res["config"].r == top]
-    remeasured = best[:space.exclusive_finalists] if n_concurrent > 1 else []
+    remeasured = best[:search.space.exclusive_finalists] if n_concurrent > 1 else []
     finalists = remeasured or best  # one trial at a time (or no re-measurement asked): the probes' own speed
     exclusive_configs = [res["config"] for res in remeasured]
-    exclusive_configs += [c for c in extra_exclusive if c not in exclusive_configs]
-    exclusive = _run_exclusive(exclusive_configs, job, space, uri, parent_id, storage) if exclusive_configs else {}
+    exclusive_configs += [c for c in options.extra_exclusive if c not in exclusive_configs]
+    exclusive = run_exclusive(search, exclusive_configs) if exclusive_configs else {}
     speed_source = "exclusive" if exclusive and n_concurrent > 1 else \
         "packed (one trial at a time: uncontended)" if n_concurrent == 1 else "packed (contended)"
-
-    def speed(res: dict) -> float:
-        """Uncontended tokens/s: the exclusive re-measurement, else the probe's own (one trial at a time)."""
-        ex = exclusive.get(res["config"].key)
-        if ex is not None:
-            return ex["tokens_per_s"] if ex["feasible"] else 0.0
-        return res["tokens_per_s"]
-
-    ranked = sorted(finalists, key=speed, reverse=True)
-    return (ranked[0] if ranked else None), speed, speed_source, exclusive
+    outcome = Outcome(inner, exclusive=exclusive, speed_source=speed_source)
+    ranked = sorted(finalists, key=outcome.speed, reverse=True)
+    outcome.winner = ranked[0] if ranked else None
+    return outcome
 
 
-def _quality_runs(finalists: list[Config], job: JobSpec, space: SearchSpaceSpec, uri: str, parent_id: str,
-                  storage: Location) -> dict[str, float]:
+def run_exclusive(search: Search, configs: list[Config]) -> dict[str, dict]:
+    """Re-measure configs one at a time (a whole GPU each) for their speed without contention."""
+    print(f"exclusive phase: {', '.join(c.key for c in configs)}", flush=True)
+    alone = replace(search, job=_alone(search.job))
+    return {c.key: measure(alone, c, "exclusive", f"exclusive-{c.key}") for c in configs}
+
+
+def quality_runs(search: Search, finalists: list[Config]) -> dict[str, float]:
     """Each rank's finalist trained `space.quality_steps` optimizer steps at the job's global batch (so
     the same tokens, in the same order, from the same seed), one at a time, then evaluated on the job's
     eval split: {config key: eval loss}. Each is a child run (phase `quality`); a resumed search
     reuses a finished one. Nothing when the job has no eval split."""
     from runner.train.driver import Stopped, make_trainer
     from runner.tune.search import apply_config
-    from runner.tune.trial import trial_params
 
+    space, job = search.space, search.job
     if not space.quality_steps or not job.data.val_fraction or not finalists:
         return {}
     print(f"quality: {space.quality_steps} steps each, then the eval loss: {', '.join(c.key for c in finalists)}",
           flush=True)
-    experiment, losses = job.tracking.experiment_name, {}
+    losses = {}
     for c in finalists:
-        mine = f"tags.mlflow.parentRunId = '{parent_id}' and tags.fitrun_config = '{c.key}' and tags.fitrun_phase = 'quality'"
-        found = find_run(uri, experiment, f"{mine} and attributes.status = 'FINISHED'")
-        done = RunLogger(uri, found).client.get_run(found).data.metrics if found else {}
-        if "eval_loss" in done:
-            losses[c.key] = done["eval_loss"]
+        done = search.find_child(c, "quality", status="FINISHED")
+        if done and "eval_loss" in (metrics := done.latest_metrics()):
+            losses[c.key] = metrics["eval_loss"]
             continue
-        stale = find_run(uri, experiment, f"{mine} and attributes.status = 'RUNNING'")
+        stale = search.find_child(c, "quality", status="RUNNING")
         if stale:  # its driver died mid-run (SIGKILL): this resumed search runs it again
-            RunLogger(uri, stale).end(ok=False, status="KILLED", reason="the search's driver died during this run; "
-                                                                       "the resumed search ran it again")
-        spec = apply_config(job, c, space.lora_alpha_rule)
-        spec = spec.model_copy(update={
-            "training": spec.training.model_copy(update={"max_steps": space.quality_steps, "save_steps": None,
-                                                         "eval_steps": None, "max_failures": 0}),
-            "resources": spec.resources.model_copy(update={"gpus_per_worker": 1.0})})  # one at a time, alone
-        run_id = start_run(uri, experiment, f"quality-{c.key}", parent_run_id=parent_id,
-                           params=trial_params(c, spec.lora.lora_alpha),
-                           tags={"fitrun_config": c.key, "fitrun_phase": "quality", "fitrun.kind": "trial"})
-        logger = RunLogger(uri, run_id)
+            stale.end(ok=False, status="KILLED", reason="the search's driver died during this run; "
+                                                        "the resumed search ran it again")
+        spec = _alone(apply_config(job, c, space.lora_alpha_rule))
+        spec = spec.model_copy(update={"training": spec.training.model_copy(update={
+            "max_steps": space.quality_steps, "save_steps": None, "eval_steps": None, "max_failures": 0})})
+        logger = search.child(c, "quality")
         try:
-            metrics = make_trainer(spec, f"quality-{c.key}", str(storage / "train"), uri, run_id).fit().metrics or {}
+            metrics = make_trainer(spec, f"quality-{c.key}", str(search.storage / "train"), search.uri,
+                                   logger.run_id).fit().metrics or {}
         except Stopped as e:
             logger.end(ok=False, status="KILLED", reason=f"stopped by {e}")
             raise
@@ -328,26 +306,3 @@ def _quality_runs(finalists: list[Config], job: JobSpec, space: SearchSpaceSpec,
         if "eval_loss" in metrics:
             losses[c.key] = metrics["eval_loss"]
     return losses
-
-
-def _run_exclusive(configs: list[Config], job: JobSpec, space: SearchSpaceSpec, uri: str, parent_id: str,
-                   storage: Location) -> dict[str, dict]:
-    """Re-measure configs one at a time (full GPU share) for speed without contention."""
-    import ray.tune
-    from ray.tune.search import BasicVariantGenerator
-
-    print(f"exclusive phase: {', '.join(c.key for c in configs)}", flush=True)
-    exclusive_job = job.model_copy(update={"resources": job.resources.model_copy(update={"gpus_per_worker": 1.0})})
-    tuner = ray.tune.Tuner(
-        _trainable(exclusive_job, space, uri, parent_id, storage, exclusive=True),
-        param_space={"config": ray.tune.grid_search([asdict(c) for c in configs])},
-        tune_config=ray.tune.TuneConfig(search_alg=BasicVariantGenerator(max_concurrent=1)),  # one at a time
-        run_config=ray.tune.RunConfig(name="exclusive", storage_path=str(storage), verbose=0),
-    )
-    out = {}
-    for r in tuner.fit():
-        c = Config(**r.config["config"])
-        metrics = r.metrics or {}
-        out[c.key] = {k: metrics[k] for k in OUTCOME_KEYS if k in metrics} if "status" in metrics and r.error is None \
-            else {"feasible": False, "status": "error", "tokens_per_s": 0.0, "peak_gib": None}
-    return out

@@ -6,22 +6,58 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runner.loading import dump_yaml, job_from_dict, map_local_paths
+from runner.spec import JobSpec
 from runner.storage import Location, is_uri, sibling
 from runner.tracking import RunLogger
-from runner.tune.search import apply_config, pareto
+from runner.tune.search import Config, FitSearcher, apply_config, pareto
+from runner.tune.session import Search
 
 
-def summarise(job, space, inner, winner, speed, speed_source, grid_size, started, exclusive, price, parent,
-               winner_path, out, winner_base=None, cheapest: bool = False, quality: dict | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TuneOptions:
+    """What the user asked of the search beyond its job and space (`fitrun tune`'s flags)."""
+
+    resume: bool = False
+    gpu_hour_price: float | None = None          # $/GPU-hour: the winner's cost per 1M tokens and per epoch
+    winner_path: str | None = None               # `--out`: where the winner's job file goes (default: the output folder)
+    extra_exclusive: tuple[Config, ...] = ()     # configs re-measured alone in any case
+    file_init: str | None = None                 # the job file's model.init, when a dry run overrode it
+    cheapest: bool = False                       # the fastest config at any LoRA rank, not the highest rank's
+    winner_base: JobSpec | None = None           # the job as given (paths as written), set by run_tune
+
+
+@dataclass
+class Outcome:
+    """What a finished search found: the searcher's results, the exclusive re-measurements, the winner,
+    each rank's eval loss, and the search's size and start."""
+
+    inner: FitSearcher
+    exclusive: dict[str, dict] = field(default_factory=dict)
+    speed_source: str = "packed"
+    winner: dict | None = None
+    quality: dict[str, float] = field(default_factory=dict)
+    grid_size: int = 0
+    started: datetime.datetime = field(default_factory=datetime.datetime.now)
+
+    def speed(self, res: dict) -> float:
+        """Uncontended tokens/s: the exclusive re-measurement, else the probe's own (one trial at a time)."""
+        ex = self.exclusive.get(res["config"].key)
+        if ex is not None:
+            return ex["tokens_per_s"] if ex["feasible"] else 0.0
+        return res["tokens_per_s"]
+
+
+def summarise(search: Search, outcome: Outcome, options: TuneOptions) -> dict[str, Any]:
     """Print and log the search's outcome; write the winner's job YAML. Returns the summary dict."""
-    wall_s = (datetime.datetime.now() - started).total_seconds()
+    inner, space, parent, out, exclusive = outcome.inner, search.space, search.parent, search.out, outcome.exclusive
+    wall_s = (datetime.datetime.now() - outcome.started).total_seconds()
     results = list(inner.results.values())
-    counts = {"trials_run": len(results), "grid_size": grid_size, "pruned": len(inner.pruned),
+    counts = {"trials_run": len(results), "grid_size": outcome.grid_size, "pruned": len(inner.pruned),
               "dominated_columns": len(inner.dominated),
               "infeasible": sum(r["status"] == "infeasible" for r in results),
               "errors": sum(r["status"] == "error" for r in results), "exclusive_runs": len(exclusive)}
@@ -33,40 +69,41 @@ def summarise(job, space, inner, winner, speed, speed_source, grid_size, started
     print("\nfrontier (memory vs packed speed):\n" + "\n".join(front_lines))
     print(f"\n{json.dumps(counts)}; tune_wall_s: {wall_s:.0f}")
     summary: dict[str, Any] = {**counts, "tune_wall_s": wall_s, "frontier": [p["config"].key for p in front],
-                               "speed_source": speed_source, "table": table}
+                               "speed_source": outcome.speed_source, "table": table}
     parent.metrics({k: float(v) for k, v in counts.items()} | {"tune_wall_s": wall_s})
     parent.text(table, "trials.md")
     parent.table(trial_rows(inner, exclusive), "trials.json")  # the MLflow UI shows it as a table
     parent.text("\n".join(front_lines), "frontier.md")
-    ranks = rank_lines(inner, quality, space.quality_steps)
+    ranks = rank_lines(inner, outcome.quality, space.quality_steps)
     print("\nthe cost of each LoRA rank (its fastest config that fits):\n" + "\n".join(ranks))
     parent.text("\n".join(ranks), "ranks.md")
     per_rank = fastest_per_rank(inner)
     summary["per_rank"] = {res["config"].r: res["config"].key for res in per_rank}
     summary["ranks_table"] = "\n".join(ranks)
-    if quality:
-        summary["eval_loss_per_rank"] = {res["config"].r: quality[res["config"].key] for res in per_rank
-                                         if res["config"].key in quality}
+    if outcome.quality:
+        summary["eval_loss_per_rank"] = {res["config"].r: outcome.quality[res["config"].key] for res in per_rank
+                                         if res["config"].key in outcome.quality}
         parent.metrics({f"eval_loss_r{r}": v for r, v in summary["eval_loss_per_rank"].items()})
+    winner = outcome.winner
     _plot(results, front, parent, out, space, winner)
     if winner is None:
         print("no configuration fits the ceiling: raise gpu_memory_gib, allow more checkpointed layers, "
               "or smaller micro-batches (larger accumulation)")
         parent.tags({"winner": "none"})
         return summary
-    c, tokens_per_s = winner["config"], speed(winner)
-    header = f"# fitrun tune winner: {c.key}, {tokens_per_s:,.0f} tokens/s ({speed_source}), " \
+    c, tokens_per_s = winner["config"], outcome.speed(winner)
+    header = f"# fitrun tune winner: {c.key}, {tokens_per_s:,.0f} tokens/s ({outcome.speed_source}), " \
              f"peak {winner['peak_gib']:.2f} GiB under {space.gpu_memory_gib} GiB\n"
-    path = Location(winner_path) if winner_path else out / "winner.yaml"
-    write_winner(winner_base or job, c, space.lora_alpha_rule, header, path, parent)
+    path = Location(options.winner_path) if options.winner_path else out / "winner.yaml"
+    write_winner(options.winner_base or search.job, c, space.lora_alpha_rule, header, path, parent)
     parent.tags({"winner": c.key})
     parent.metrics({"winner_tokens_per_s": tokens_per_s, "winner_peak_gib": winner["peak_gib"]})
-    print(f"\nwinner: {c.key}  {tokens_per_s:,.0f} tokens/s ({speed_source}), peak {winner['peak_gib']:.3f} GiB; "
-          f"job written to {path}  " + (f"(fitrun train {path})" if not is_uri(str(path)) else
-                                         "(a job file in the object store: copy it here, or tune with --out FILE)"))
-    print(rank_choice_note(inner, c, cheapest))
-    if price:
-        summary.update(cost(job, tokens_per_s, price))
+    print(f"\nwinner: {c.key}  {tokens_per_s:,.0f} tokens/s ({outcome.speed_source}), peak {winner['peak_gib']:.3f} "
+          f"GiB; job written to {path}  " + (f"(fitrun train {path})" if not is_uri(str(path)) else
+                                              "(a job file in the object store: copy it here, or tune with --out FILE)"))
+    print(rank_choice_note(inner, c, options.cheapest))
+    if options.gpu_hour_price:
+        summary.update(cost(search.job, tokens_per_s, options.gpu_hour_price))
     summary.update(winner=c.key, winner_config=asdict(c), winner_tokens_per_s=tokens_per_s,
                    winner_peak_gib=winner["peak_gib"], winner_path=str(path), exclusive=dict(exclusive))
     return summary
@@ -175,7 +212,8 @@ def cost(job, tokens_per_s: float, price: float) -> dict[str, float]:
     from runner.model import build_tokenizer
 
     per_m = price / 3600 / tokens_per_s * 1e6
-    tokens_per_epoch = tokenize(job.data, build_tokenizer(job.tokenizer, job.model)).num_train_tokens
+    # The worker's split: the same seed, so the epoch counts the rows the job trains on.
+    tokens_per_epoch = tokenize(job.data, build_tokenizer(job.tokenizer, job.model), seed=job.training.seed).num_train_tokens
     gpus = job.resources.num_workers if job.resources.use_gpu else 1
     per_epoch = price * gpus / 3600 * tokens_per_epoch / tokens_per_s
     print(f"cost: ${per_m:.4f} per 1M tokens, ${per_epoch:.4f} per epoch ({tokens_per_epoch:,} tokens) "

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from runner.loading import job_from_dict
-from runner.spec import JobSpec, SearchSpaceSpec, alpha_for
+from runner.spec import JobSpec, SearchSpaceSpec, alpha_for, lever_conflicts, micro_batch_for, space_accumulations
 
 
 def lever(job_field: str, space_field: str, default: Any, tags: dict) -> Any:
@@ -61,8 +61,7 @@ class Config:
         return replace(self, k=k)
 
     def valid(self) -> bool:
-        return not (self.offload and self.policy == "selective"  # offload works with full recompute only
-                    or self.parallelism == "fsdp" and self.quantization != "none")  # see resources.parallelism
+        return not lever_conflicts(self.quantization, self.parallelism, self.offload, self.policy)
 
 
 LEVERS = [f for f in fields(Config) if "job_field" in f.metadata]
@@ -99,8 +98,7 @@ def expand(job: JobSpec, space: SearchSpaceSpec, num_layers: int) -> tuple[list[
     from runner.spec import check_space
 
     check_space(job, space, num_layers)
-    workers, global_batch = job.resources.num_workers, job.global_batch_size
-    accums = space.gradient_accumulation_steps or [job.training.gradient_accumulation_steps]
+    accums = space_accumulations(job, space)
     ks = space.activation_checkpointing.values(num_layers)
     lever_values = [[(f.name, v) for v in (_get(space, f.metadata["space_field"])
                                            or [_get(job, f.metadata["job_field"])])] for f in LEVERS]
@@ -109,7 +107,7 @@ def expand(job: JobSpec, space: SearchSpaceSpec, num_layers: int) -> tuple[list[
         for r in sorted(space.lora_r or [job.lora.r]):
             for a in sorted(accums, reverse=True):
                 for p in space.activation_checkpointing.placements:
-                    c = Config(r, global_batch // (a * workers), a, p, None, **dict(levers))
+                    c = Config(r, micro_batch_for(job, a), a, p, None, **dict(levers))
                     if c.valid():
                         columns.append(c)
     return columns, ks
