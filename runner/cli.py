@@ -8,7 +8,7 @@ import json
 import sys
 
 from runner.loading import load_job, load_search_space
-from runner.spec import SpecError
+from runner.spec import JobSpec, SearchSpaceSpec, SpecError
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -76,99 +76,92 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, validate and preflight, then one branch per command (a dispatch table would hide the exit codes)."""
+    """Parse, validate and preflight, then the command. A user's mistake exits 2 with one message."""
     args = _parse(argv)
-    if args.command in ("status", "logs", "stop"):
-        return _job_command(args)
     try:
+        if args.command in ("status", "logs", "stop"):
+            return _job_command(args)
         job = load_job(args.job, args.overrides)
         space = load_search_space(args.space) if getattr(args, "space", None) else None
+        if space is not None and getattr(args, "gpu_memory_gib", None) is not None:
+            space = space.model_copy(update={"gpu_memory_gib": args.gpu_memory_gib})
         if args.command in ("validate", "train", "tune", "submit"):
             from runner.preflight import preflight  # (imports datasets: not needed by estimate)
 
             preflight(job, args.job)  # data, model, Ray address, output root: before Ray or a GPU
+        return COMMANDS[args.command](args, job, space)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    if args.command == "validate":
-        if space is not None:
-            from runner.model import model_config
-            from runner.spec import check_space
 
-            if args.gpu_memory_gib is not None:
-                space = space.model_copy(update={"gpu_memory_gib": args.gpu_memory_gib})
-            try:
-                check_space(job, space, model_config(job.model, allow_builtin=True).num_hidden_layers)
-            except SpecError as e:
-                print(f"error: {args.space}: {e}", file=sys.stderr)
-                return 2
-        print(f"{args.job}: ok (global batch {job.global_batch_size})" + (f"; {args.space}: ok" if space else ""))
-        return 0
-    if args.command == "train":
-        from runner.train.driver import ResumeRefused, Stopped, run_train
+def _validate(args, job: JobSpec, space: SearchSpaceSpec | None) -> int:
+    if space is not None:
+        from runner.model import model_config
+        from runner.spec import check_space
 
         try:
-            summary = run_train(job, resume=not args.no_resume, allow_changes=args.allow_changes)
-        except (ResumeRefused, SpecError) as e:
-            print(f"error: {args.job}: {e}", file=sys.stderr)
-            return 2
-        except Stopped as e:
-            print(f"stopped by {e}: the MLflow run is marked KILLED; run the same command to resume from the "
-                  "latest checkpoint", file=sys.stderr, flush=True)
-            return 128 + e.signum
-        print(json.dumps(summary, indent=2))
-        return 0
-    if args.command == "tune":
-        from runner.tune.driver import run_tune
-        from runner.tune.report import TuneOptions
-
-        if args.gpu_memory_gib is not None:
-            space = space.model_copy(update={"gpu_memory_gib": args.gpu_memory_gib})
-        try:
-            run_tune(job, space, TuneOptions(resume=args.resume, gpu_hour_price=args.gpu_hour_price,
-                                             winner_path=args.out, file_init=load_job(args.job).model.init,
-                                             cheapest=args.cheapest))
+            check_space(job, space, model_config(job.model, allow_builtin=True).num_hidden_layers)
         except SpecError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {args.space}: {e}", file=sys.stderr)
             return 2
-        return 0
-    if args.command == "submit":
-        from runner import submit
+    print(f"{args.job}: ok (global batch {job.global_batch_size})" + (f"; {args.space}: ok" if space else ""))
+    return 0
 
-        if args.tune != bool(args.space):
-            print("error: `fitrun submit --tune JOB SPACE` submits a search; `fitrun submit JOB` a training job",
-                  file=sys.stderr)
-            return 2
-        try:
-            submit.submit(args.job, job, args.overrides, args.address, space=args.space)
-        except SpecError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return 0
-    if args.command == "estimate":
-        # transformers imports scikit-learn (MLflow's dependency) and scipy when they are installed, for
-        # assisted generation and object-detection losses alone: 1.8 s and 0.8 s of the estimate's
-        # 10 s on 2 cores. Marked absent in this process, transformers' availability checks skip them.
-        for unused in ("sklearn", "scipy"):
-            sys.modules.setdefault(unused, None)
-        from runner.estimate.trace import run_estimate_cli
 
-        return run_estimate_cli(job, args.gpu_memory_gib, args.sweep, args.json)
-    return 1
+def _train(args, job: JobSpec, space: None) -> int:
+    from runner.train.driver import ResumeRefused, Stopped, run_train
+
+    try:
+        summary = run_train(job, resume=not args.no_resume, allow_changes=args.allow_changes)
+    except (ResumeRefused, SpecError) as e:
+        print(f"error: {args.job}: {e}", file=sys.stderr)
+        return 2
+    except Stopped as e:
+        print(f"stopped by {e}: the MLflow run is marked KILLED; run the same command to resume from the "
+              "latest checkpoint", file=sys.stderr, flush=True)
+        return 128 + e.signum
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _tune(args, job: JobSpec, space: SearchSpaceSpec) -> int:
+    from runner.tune.driver import run_tune
+    from runner.tune.report import TuneOptions
+
+    run_tune(job, space, TuneOptions(resume=args.resume, gpu_hour_price=args.gpu_hour_price, winner_path=args.out,
+                                     file_init=load_job(args.job).model.init, cheapest=args.cheapest))
+    return 0
+
+
+def _submit(args, job: JobSpec, space: SearchSpaceSpec | None) -> int:
+    from runner import submit
+
+    if args.tune != bool(args.space):
+        print("error: `fitrun submit --tune JOB SPACE` submits a search; `fitrun submit JOB` a training job",
+              file=sys.stderr)
+        return 2
+    submit.submit(args.job, job, args.overrides, args.address, space=args.space)
+    return 0
+
+
+def _estimate(args, job: JobSpec, space: None) -> int:
+    # transformers imports scikit-learn (MLflow's dependency) and scipy when they are installed, for
+    # assisted generation and object-detection losses alone: 1.8 s and 0.8 s of the estimate's
+    # 10 s on 2 cores. Marked absent in this process, transformers' availability checks skip them.
+    for unused in ("sklearn", "scipy"):
+        sys.modules.setdefault(unused, None)
+    from runner.estimate.trace import run_estimate_cli
+
+    return run_estimate_cli(job, args.gpu_memory_gib, args.sweep, args.json)
+
+
+COMMANDS = {"validate": _validate, "train": _train, "tune": _tune, "submit": _submit, "estimate": _estimate}
 
 
 def _job_command(args) -> int:
     from runner import submit
 
-    try:
-        return _job_command_at(args, submit)
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-def _job_command_at(args, submit) -> int:
     if args.command == "status":
         print(submit.status(args.id, args.address))
     elif args.command == "logs":

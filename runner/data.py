@@ -196,14 +196,7 @@ def tokenize(spec: DataSpec, tok, seed: int = 0) -> TokenizedData:
     kept = table.filter(pc.equal(table.column("dropped"), ""))
     rows = [{"input_ids": i, "labels": lab} for i, lab in zip(kept.column("input_ids").to_pylist(),
                                                                kept.column("labels").to_pylist())]
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    num_eval = int(round(len(rows) * spec.val_fraction))
-    eval_rows = [rows[i] for i in order[:num_eval]]
-    train_rows = [rows[i] for i in order[num_eval:]]
-    if spec.packing:
-        train_rows = pack(train_rows, spec.sequence_len)
-        eval_rows = pack(eval_rows, spec.sequence_len) if eval_rows else []
+    train_rows, eval_rows = split(rows, spec, seed)
     if not train_rows:
         raise ValueError(f"data.path {spec.path}: no training rows left (read {len(encoded)}, kept {len(rows)} with "
                          f"trainable tokens; val_fraction={spec.val_fraction}, packing={spec.packing} needs >= "
@@ -217,6 +210,20 @@ def tokenize(spec: DataSpec, tok, seed: int = 0) -> TokenizedData:
     return TokenizedData(train=train_rows, eval=eval_rows, num_rows=len(rows),
                          num_truncated=int(accounting["rows_truncated"]),
                          num_train_tokens=sum(len(r["input_ids"]) for r in train_rows), accounting=accounting)
+
+
+def split(rows: list[dict], spec: DataSpec, seed: int) -> tuple[list[dict], list[dict]]:
+    """The train and eval rows: a `val_fraction` of the rows, shuffled by `seed` (the job's
+    `training.seed`), held out; each side packed into full blocks when `packing`."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    num_eval = int(round(len(rows) * spec.val_fraction))
+    eval_rows = [rows[i] for i in order[:num_eval]]
+    train_rows = [rows[i] for i in order[num_eval:]]
+    if spec.packing:
+        train_rows = pack(train_rows, spec.sequence_len)
+        eval_rows = pack(eval_rows, spec.sequence_len) if eval_rows else []
+    return train_rows, eval_rows
 
 
 def pack(rows: list[dict], sequence_len: int) -> list[dict]:

@@ -27,8 +27,10 @@ def tokenizer():
     return build_tokenizer(TokenizerSpec(name_or_path=str(ROOT / "data/tokenizer")), ModelSpec(preset="tiny", init="random"))
 
 
-def tiny_model(r: int = 4, num_layers: int = 4, seed: int = 0, dtype=torch.float32, adapter_dtype="float32"):
-    """The real LlamaForCausalLM with a tiny config + peft LoRA, seeded, on CPU."""
+def tiny_model(r: int = 4, num_layers: int = 4, seed: int = 0, dtype=torch.float32, adapter_dtype="float32",
+               hidden_size: int | None = None):
+    """The real LlamaForCausalLM with a tiny config + peft LoRA, seeded, on CPU (`hidden_size`: wider
+    layers, with the MLP 2.75x as wide, as the tiny preset's)."""
     from transformers import LlamaForCausalLM
 
     from runner.model import preset_config, wrap_lora
@@ -36,6 +38,9 @@ def tiny_model(r: int = 4, num_layers: int = 4, seed: int = 0, dtype=torch.float
 
     cfg = preset_config("tiny")
     cfg.num_hidden_layers = num_layers
+    if hidden_size:
+        cfg.hidden_size, cfg.intermediate_size = hidden_size, int(hidden_size * 2.75)
+        cfg.head_dim = hidden_size // cfg.num_attention_heads
     torch.manual_seed(seed)
     base = LlamaForCausalLM(cfg).to(dtype)
     model = wrap_lora(base, LoraSpec(r=r, adapter_dtype=adapter_dtype), seed)

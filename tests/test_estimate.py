@@ -45,6 +45,31 @@ def test_estimate_components_and_cli(root, monkeypatch, capsys):
         assert word in out
 
 
+def test_estimate_json_and_sweep(root, monkeypatch, capsys):
+    """`--json` for scripts (peak, components, the verdict against the ceiling) and `--sweep k=...`
+    (one estimate per number of checkpointed layers; more recompute, never more memory)."""
+    import json
+
+    from runner.cli import main
+
+    monkeypatch.chdir(root)
+    assert main(["estimate", "jobs/tiny-cpu.yaml", "--gpu-memory-gib", "1", "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert one["fits"] is True and one["ceiling_gib"] == 1 and one["margin_gib"] == pytest.approx(1 - one["peak_gib"])
+    assert {"weights", "lora_params", "optimizer_state"} <= set(one["components_gib"])
+    assert main(["estimate", "jobs/tiny-cpu.yaml", "--sweep", "k=0..4", "--json"]) == 0
+    swept = json.loads(capsys.readouterr().out)
+    assert list(swept) == ["0", "1", "2", "3", "4"]
+    peaks = [swept[k]["peak_gib"] for k in swept]
+    assert all(a >= b for a, b in zip(peaks, peaks[1:])), peaks
+    # the job's own k is 2; the sweep traces a few anchors and interpolates between them
+    assert swept["2"]["peak_gib"] == pytest.approx(one["peak_gib"], rel=0.02)
+    assert main(["estimate", "jobs/tiny-cpu.yaml", "--sweep", "k=0..2", "--gpu-memory-gib", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "peak GiB" in table and table.count("yes") == 3
+    assert main(["estimate", "jobs/tiny-cpu.yaml", "--sweep", "k=two"]) == 2
+
+
 DEEP_CASES = {
     "none": ["activation_checkpointing.count=0"],
     "even-3": ["activation_checkpointing.count=3"],

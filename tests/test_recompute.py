@@ -24,8 +24,8 @@ def test_resolve_layers(spec, expected):
     assert resolve_layers(spec, 8) == expected
 
 
-def _grads(layers, offload=False, policy="full"):
-    model = tiny_model(num_layers=4)
+def _grads(layers, offload=False, policy="full", hidden_size=None):
+    model = tiny_model(num_layers=4, hidden_size=hidden_size)
     apply_checkpointing(model, layers, offload, policy)
     out = model(**tiny_batch())
     out.loss.backward()
@@ -91,6 +91,33 @@ def test_selective_recompute_same_gradients(layers):
     torch.testing.assert_close(loss, loss_ref)
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_selective_saves_frozen_matmuls_on_layers_wider_than_lora(monkeypatch):
+    """The selective policy keeps a frozen matmul's output when both its sides are wider than any LoRA
+    rank (the 8B's 4096), and recomputes LoRA's rank-r matmuls: on layers 256 wide both branches run,
+    and the gradients are those of no checkpointing."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from runner import recompute
+
+    mm = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+    decisions = []
+
+    def spy(ctx, op, *args, **kwargs):
+        policy = original(ctx, op, *args, **kwargs)
+        if op in mm:
+            decisions.append(policy)
+        return policy
+    original = recompute._selective_policy
+    monkeypatch.setattr(recompute, "_selective_policy", spy)
+    assert 256 > recompute.LORA_MAX_RANK
+    loss_ref, ref = _grads([], hidden_size=256)
+    loss, got = _grads([0, 1, 2, 3], policy="selective", hidden_size=256)
+    assert CheckpointPolicy.MUST_SAVE in decisions and CheckpointPolicy.PREFER_RECOMPUTE in decisions
+    torch.testing.assert_close(loss, loss_ref)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
 def test_selective_recompute_memory_between_full_and_none(root, monkeypatch):

@@ -33,3 +33,40 @@ def test_jobs_started_together_share_a_new_sqlite_store(root, tmp_path):
     exp = client.get_experiment_by_name("together")
     runs = client.search_runs([exp.experiment_id])
     assert sorted(r.info.run_name for r in runs) == [f"job-{i}" for i in range(4)]
+
+
+def test_a_local_store_is_refused_on_a_cluster_of_several_hosts(root, monkeypatch, capsys):
+    """Workers log from their own hosts: a SQLite or file store would split the run across machines."""
+    import pytest
+
+    from runner.loading import load_job
+    from runner.spec import SpecError
+    from runner.train.driver import check_cluster_storage
+
+    monkeypatch.chdir(root)
+    job = load_job("jobs/tiny-cpu.yaml")
+    for uri in ("sqlite:///mlflow.db", "file:///tmp/mlruns", "./mlruns"):
+        check_cluster_storage(job, uri, hosts={"10.0.0.1"})  # one host: any store
+        with pytest.raises(SpecError, match="the Ray cluster spans 2 hosts"):
+            check_cluster_storage(job, uri, hosts={"10.0.0.1", "10.0.0.2"})
+    check_cluster_storage(job, "http://10.0.0.1:5000", hosts={"10.0.0.1", "10.0.0.2"})
+    assert "must be storage every host mounts" in capsys.readouterr().out
+
+
+def test_a_worker_stops_once_its_run_is_closed(tmp_path):
+    """A worker that outlives its driver (stopped, killed) neither logs nor checkpoints: once the MLflow
+    run is not RUNNING, the check it makes before each log and save raises."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from runner.tracking import RunLogger, start_run
+    from runner.train.worker import _check_run_open
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    logger = RunLogger(uri, start_run(uri, "x", "job"))
+    run = SimpleNamespace(logger=logger, probe=None)
+    _check_run_open(run)  # RUNNING: goes on
+    logger.end(ok=False, status="KILLED", reason="fitrun stop")
+    with pytest.raises(RuntimeError, match="is KILLED: its driver is gone; this worker stops"):
+        _check_run_open(run)

@@ -5,6 +5,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,7 +124,6 @@ def _tune_cli(tmp_path, tracking_uri: str | None = None, space: str = "search_sp
             "--set", f"tracking.tracking_uri={tracking_uri or f'sqlite:///{tmp_path}/mlflow.db'}"]
 
 
-@pytest.mark.ray
 def _rest(url: str, endpoint: str, body: dict | None = None, **query) -> dict:
     """One call to MLflow's REST API, as the UI or a script reads a finished search."""
     import urllib.parse
@@ -145,6 +145,8 @@ def _rest_runs(url: str, experiment: str) -> list[dict]:
     return runs
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_cpu_search_matches_brute_force(root, tmp_path, mlflow_server):
     """A real search on CPU against a real `mlflow server`, read back through its REST API."""
     from runner.tune.search import apply_config
@@ -226,11 +228,18 @@ def test_cpu_search_matches_brute_force(root, tmp_path, mlflow_server):
     assert len(history["metrics"]) > 1  # the probe's steps, then the summary
 
     # --resume continues the same search: no new parent, no duplicate trial runs, same winner.
-    again = subprocess.run(args + ["--resume"], cwd=root, capture_output=True, text=True, timeout=900, env=env)
+    # --out writes the winner's job file elsewhere, its paths relative to that folder.
+    elsewhere = tmp_path / "elsewhere" / "chosen.yaml"
+    again = subprocess.run(args + ["--resume", "--out", str(elsewhere)], cwd=root, capture_output=True, text=True,
+                           timeout=900, env=env)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert f"resuming search: {counts['trials_run']} trials done" in again.stdout
     assert len(_rest_runs(mlflow_server, "fitrun-tiny")) == len(runs)
-    assert load_job(tmp_path / "out/winner.yaml").activation_checkpointing.count == w.k
+    assert f"job written to {elsewhere}" in again.stdout
+    chosen = load_job(elsewhere)
+    assert chosen.activation_checkpointing.count == w.k
+    assert Path(chosen.data.path).resolve() == root / "data/instructions.messages.jsonl"
+    assert "data/instructions.messages.jsonl" in elsewhere.read_text() and "../" in elsewhere.read_text()
 
 
 def _trial_rows(url: str, run_id: str) -> list[list]:

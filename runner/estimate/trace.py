@@ -256,7 +256,7 @@ def _trace(spec: JobSpec, target: str, layers: list[int] | None, trace_all_layer
 def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None = None,
              trace_all_layers: bool = False) -> Estimate:
     """Peak memory of one training step of `spec` on `target` ('cuda' or 'cpu'; default from the spec).
-    One function on purpose: the trace and the analytic terms read as one accounting, top to bottom."""
+    Long on purpose: the trace and the analytic terms read as one accounting, top to bottom."""
     target = target or ("cuda" if spec.resources.use_gpu else "cpu")
     dtype = resolve_dtype(spec.model, target)
     trace = _trace(spec, target, layers, trace_all_layers)

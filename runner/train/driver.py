@@ -113,12 +113,14 @@ def _signals_stop():
             signal.signal(s, h)
 
 
-def check_cluster_storage(spec: JobSpec, uri: str) -> None:
-    """On a cluster of several hosts, a local MLflow store would split the records across machines:
-    refuse it before anything runs. The output directory must then be storage every host mounts."""
-    import ray
+def check_cluster_storage(spec: JobSpec, uri: str, hosts: set[str] | None = None) -> None:
+    """On a cluster of several hosts (the live Ray nodes' addresses, unless given), a local MLflow store
+    would split the records across machines: refuse it before anything runs. The output directory must
+    then be storage every host mounts."""
+    if hosts is None:
+        import ray
 
-    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+        hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
     if len(hosts) < 2:
         return
     if not uri.startswith(("http://", "https://", "databricks", "postgresql", "mysql")):

@@ -1,0 +1,235 @@
+"""The one bench harness: suites of arms as data (bench/suites.py), one runner, results appended as JSON
+lines, the markdown made from them.
+
+    PYTHONPATH=. python bench/harness.py run SUITE [--only ARM ...] [--steps N]   # appends bench/results/SUITE.jsonl
+    PYTHONPATH=. python bench/harness.py report SUITE                             # writes bench/results/SUITE.md
+
+Every arm runs in a fresh process (no allocator state carried over), one after another. Each line of the
+results file is one arm of one command: the command's id, the commit (and whether the tree was dirty),
+the card and its total as the driver reports it, torch and CUDA versions, the command line, and every
+figure the arm measured. Two memory figures per arm: the allocator's peak (what PyTorch reserved) and
+the whole process on the card (NVML, sampled every 0.25 s: the CUDA context, cuBLAS workspaces and
+kernels included), the number a card must hold.
+
+A ratio is computed only between two arms of the same command (`Arm.baseline`): the report never
+divides numbers from different device sessions or cards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+MIB = 1024**2
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One measured run. `kind` `fitrun`: `fitrun train JOB` with `sets` (from `tree`, another checkout,
+    when given); `script`: `python SCRIPT ARGS...` that prints one `RESULT {json}` line."""
+
+    name: str
+    kind: str                                  # "fitrun" | "script"
+    job: str = ""                              # fitrun: the job file
+    sets: tuple[str, ...] = ()                 # fitrun: --set overrides; script: its arguments
+    flags: tuple[str, ...] = ()                # fitrun: other CLI flags (--gpu L4)
+    script: str = ""                           # script: path from the repo root
+    tree: str = ""                             # run another checkout of fitrun (the code before a change)
+    baseline: str = ""                         # the arm (of the same command) that the ratio divides by
+    card_total_mib: int | None = None          # the card this arm emulates: fits = whole process <= this
+    note: str = ""
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        return ""
+
+
+def environment() -> dict:
+    """What every line records: commit, card, versions. The commit comes from git where the tree has it,
+    else from FITRUN_COMMIT (the device copy of the tree has no .git)."""
+    import torch
+
+    env = {"commit": _git("rev-parse", "HEAD") or os.environ.get("FITRUN_COMMIT", "unknown"),
+           "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "card": "CPU", "card_total_mib": None, "driver": None}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        env.update(card=pynvml.nvmlDeviceGetName(h), card_total_mib=pynvml.nvmlDeviceGetMemoryInfo(h).total // MIB,
+                   driver=pynvml.nvmlSystemGetDriverVersion())
+    except Exception:
+        pass
+    return env
+
+
+class DeviceSampler:
+    """Peak memory used on GPU 0 by anything beyond what was there when it started (NVML, every
+    `interval_s`): the whole process of an arm, as nvidia-smi shows it."""
+
+    def __init__(self, interval_s: float = 0.25):
+        self.interval_s, self.peak_mib, self._stop = interval_s, 0, threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self._read = lambda: pynvml.nvmlDeviceGetMemoryInfo(self._handle).used // MIB
+            self.base_mib = self._read()
+        except Exception:
+            self._read = None
+
+    def __enter__(self):
+        if self._read:
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak_mib = max(self.peak_mib, self._read() - self.base_mib)
+            time.sleep(self.interval_s)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+
+    @property
+    def peak_gib(self) -> float | None:
+        return self.peak_mib * MIB / GIB if self._read else None
+
+
+def run_arm(arm: Arm, steps: int | None, log_dir: Path) -> dict:
+    """One arm in a fresh process; its figures (or `error`)."""
+    cwd = ROOT / arm.tree if arm.tree else ROOT
+    env = {**os.environ, "FITRUN_PROGRESS": "0", "PYTHONPATH": str(cwd), "PYTHONUNBUFFERED": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        if arm.kind == "fitrun":
+            sets = [f"output_dir={tmp}/out", f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db", *arm.sets]
+            if steps:
+                sets.append(f"training.max_steps={steps}")
+            args = [sys.executable, "-m", "runner", "train", arm.job, "--no-resume", *arm.flags]
+            for s in sets:
+                args += ["--set", s]
+        else:
+            args = [sys.executable, str(ROOT / arm.script), *arm.sets, *(["--steps", str(steps)] if steps else [])]
+        log_path = log_dir / f"{arm.name}.log"
+        started = time.time()
+        with DeviceSampler() as sampler, open(log_path, "w") as log:
+            p = subprocess.run(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+        log_text = log_path.read_text()
+        with open(log_path, "a") as log:
+            log.write(p.stdout)
+    figures = {"wall_s": round(time.time() - started, 1), "device_peak_gib": sampler.peak_gib}
+    if p.returncode != 0:
+        return {**figures, "error": (log_text + p.stdout)[-2000:]}
+    if arm.kind == "fitrun":
+        summary = json.loads(p.stdout[p.stdout.index("\n{") + 1:] if not p.stdout.startswith("{") else p.stdout)
+    else:
+        line = next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))
+        summary = json.loads(line[len("RESULT "):])
+    figures.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None})
+    if arm.card_total_mib is not None and figures["device_peak_gib"] is not None:
+        figures["fits_card"] = figures["device_peak_gib"] * GIB / MIB <= arm.card_total_mib
+    return figures
+
+
+def run_suite(suite: str, arms: list[Arm], steps: int | None) -> Path:
+    """Run `arms` in order, appending one JSON line per arm to bench/results/SUITE.jsonl as each ends."""
+    env, command_id = environment(), uuid.uuid4().hex[:12]
+    out = RESULTS / f"{suite}.jsonl"
+    log_dir = Path(os.environ.get("OUT", tempfile.gettempdir()))
+    command = " ".join(["python", "bench/harness.py", *sys.argv[1:]])
+    for arm in arms:
+        print(f"[{suite}] {arm.name} ...", flush=True)
+        figures = run_arm(arm, steps, log_dir)
+        line = {"suite": suite, "command_id": command_id, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                "command": command, **env, "arm": asdict(arm), "figures": figures}
+        with open(out, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        print(f"[{suite}] {arm.name}: " + json.dumps({k: v for k, v in figures.items() if k != "error"})
+              + (f"\n  error: {figures['error'][-600:]}" if "error" in figures else ""), flush=True)
+    return out
+
+
+COLUMNS = (("tokens_per_s", "tokens/s", ",.0f"), ("peak_reserved_gib", "allocator peak reserved GiB", ".2f"),
+           ("device_peak_gib", "whole process GiB (NVML)", ".2f"), ("peak_device_gib", "worker's own NVML GiB", ".2f"),
+           ("loss", "loss", ".4f"), ("fits_card", "fits the card", ""))
+
+
+def report(suite: str) -> str:
+    """The markdown of every command in bench/results/SUITE.jsonl, newest first; ratios only within a command."""
+    lines_in = [json.loads(x) for x in (RESULTS / f"{suite}.jsonl").read_text().splitlines() if x.strip()]
+    by_command: dict[str, list[dict]] = {}
+    for x in lines_in:
+        by_command.setdefault(x["command_id"], []).append(x)
+    md = [f"# bench suite `{suite}`", "", f"Generated by `python bench/harness.py report {suite}` from `{suite}.jsonl`; "
+          "each section is one command on one card, and every ratio divides two arms of that section.", ""]
+    for command_id, rows in sorted(by_command.items(), key=lambda kv: kv[1][0]["date"], reverse=True):
+        head = rows[0]
+        md += [f"## {head['date']} on {head['card']} (command {command_id})", "",
+               f"- commit `{head['commit'][:12]}`{' (uncommitted changes)' if head['dirty'] else ''}; torch "
+               f"{head['torch']}, CUDA {head['cuda']}, driver {head['driver']}; card total "
+               f"{head['card_total_mib']} MiB as the driver reports it",
+               f"- command: `{head['command']}`", "",
+               "| arm | " + " | ".join(c[1] for c in COLUMNS) + " | note |",
+               "| --- |" + " --- |" * (len(COLUMNS) + 1)]
+        figures = {r["arm"]["name"]: r["figures"] for r in rows}
+        for r in rows:
+            f, arm = r["figures"], r["arm"]
+            if "error" in f:
+                md.append(f"| {arm['name']} | failed: {f['error'].splitlines()[-1][:120]} |" + " |" * len(COLUMNS))
+                continue
+            cells = [("-" if f.get(k) is None else (("yes" if f[k] else "no") if fmt == "" else format(f[k], fmt)))
+                     for k, _, fmt in COLUMNS]
+            md.append(f"| {arm['name']} | " + " | ".join(cells) + f" | {arm['note']} |")
+        md.append("")
+        for r in rows:
+            base = r["arm"]["baseline"]
+            mine, theirs = r["figures"].get("tokens_per_s"), figures.get(base, {}).get("tokens_per_s")
+            if base and mine and theirs:
+                md.append(f"{r['arm']['name']}_vs_{base}_same_command: {mine / theirs:.2f}")
+            if r["arm"].get("card_total_mib") is not None and "fits_card" in r["figures"]:
+                md.append(f"{r['arm']['name']}_fits: {'yes' if r['figures']['fits_card'] else 'no'} "
+                          f"({r['figures']['device_peak_gib']:.2f} GiB whole process; card "
+                          f"{r['arm']['card_total_mib']} MiB = {r['arm']['card_total_mib'] * MIB / GIB:.2f} GiB)")
+        md.append("")
+    text = "\n".join(md)
+    (RESULTS / f"{suite}.md").write_text(text)
+    return text
+
+
+def main() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from suites import SUITES
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("verb", choices=["run", "report"])
+    ap.add_argument("suite", choices=sorted(SUITES))
+    ap.add_argument("--only", nargs="*", help="these arms of the suite, in the suite's order")
+    ap.add_argument("--steps", type=int, help="optimizer steps per arm (default: the arm's own)")
+    args = ap.parse_args()
+    if args.verb == "run":
+        arms = [a for a in SUITES[args.suite] if not args.only or a.name in args.only]
+        run_suite(args.suite, arms, args.steps)
+    print(report(args.suite))
+
+
+if __name__ == "__main__":
+    main()
