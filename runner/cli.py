@@ -8,13 +8,15 @@ import json
 import sys
 
 from runner.loading import load_job, load_search_space
-from runner.spec import JobSpec, SearchSpaceSpec, SpecError
+from runner.spec import JobSpec, SearchSpaceSpec, SpecError, space_for_card
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", help="job spec YAML (jobs/*.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec field, e.g. --set training.max_steps=50 (repeatable)")
+    p.add_argument("--gpu", metavar="NAME", help="the card the job is for, from the catalogue (L4, A10G, RTX-4090, "
+                   "T4, ...; `fitrun estimate JOB --cards` lists them): the same as resources.gpu: NAME")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="search for the fastest config under a memory ceiling")
     _job_args(p)
     p.add_argument("space", help="search space YAML (search_spaces/*.yaml)")
-    p.add_argument("--gpu-memory-gib", type=float, help="memory ceiling (overrides the space's)")
+    p.add_argument("--gpu-memory-gib", type=float,
+                   help="a card not in the catalogue, by its total in GiB (a GPU job; on CPU: the tensor-byte ceiling)")
     p.add_argument("--gpu-hour-price", type=float, help="$/GPU-hour, to report cost per 1M tokens")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search")
     p.add_argument("--out", help="where to write the winner job YAML (default: <output_dir>/winner.yaml)")
@@ -45,8 +48,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("estimate", help="predict peak GPU memory without a GPU or weights")
     _job_args(p)
-    p.add_argument("--gpu-memory-gib", type=float, help="report fit / margin against this ceiling")
+    p.add_argument("--gpu-memory-gib", type=float,
+                   help="a card not in the catalogue, by its total (GiB, as the driver reports it)")
     p.add_argument("--sweep", help="sweep checkpointed layers, e.g. k=0..32")
+    p.add_argument("--cards", action="store_true", help="every catalogued card: fits?, headroom, what it needs")
+    p.add_argument("--max", metavar="FIELD", help="the largest value that fits the card: sequence_len")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("submit", help="submit a job (or, with --tune, a search) to a Ray cluster (Ray Jobs)")
@@ -81,10 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("status", "logs", "stop"):
             return _job_command(args)
-        job = load_job(args.job, args.overrides)
+        overrides = list(args.overrides)
+        if getattr(args, "gpu", None):  # a card replaces an allocator cap the job file may hold
+            overrides += [f"resources.gpu={args.gpu}", "resources.gpu_memory_gib=null"]
+        job = load_job(args.job, overrides)
         space = load_search_space(args.space) if getattr(args, "space", None) else None
-        if space is not None and getattr(args, "gpu_memory_gib", None) is not None:
-            space = space.model_copy(update={"gpu_memory_gib": args.gpu_memory_gib})
+        if space is not None:
+            space = space_for_card(job, space, getattr(args, "gpu_memory_gib", None))
         if args.command in ("validate", "train", "tune", "submit"):
             from runner.preflight import preflight  # (imports datasets: not needed by estimate)
 
@@ -151,9 +160,9 @@ def _estimate(args, job: JobSpec, space: None) -> int:
     # 10 s on 2 cores. Marked absent in this process, transformers' availability checks skip them.
     for unused in ("sklearn", "scipy"):
         sys.modules.setdefault(unused, None)
-    from runner.estimate.trace import run_estimate_cli
+    from runner.estimate.report import run_estimate_cli
 
-    return run_estimate_cli(job, args.gpu_memory_gib, args.sweep, args.json)
+    return run_estimate_cli(job, args.gpu_memory_gib, args.sweep, args.json, all_cards=args.cards, maximise=args.max)
 
 
 COMMANDS = {"validate": _validate, "train": _train, "tune": _tune, "submit": _submit, "estimate": _estimate}

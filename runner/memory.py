@@ -8,6 +8,8 @@ that would OOM on the target card also OOMs on a CPU, so the tuner is testable w
 
 from __future__ import annotations
 
+import os
+import threading
 import weakref
 
 import torch
@@ -97,10 +99,65 @@ class PeakMemory:
                 "peak_reserved_gib": gib(torch.cuda.max_memory_reserved(self.device))}
 
 
-def cap_gpu_memory(device: torch.device, gpu_memory_gib: float) -> None:
-    """Make this process OOM past `gpu_memory_gib`, as it would on a card of that size."""
+def cap_gpu_memory(device: torch.device, gpu_memory_gib: float) -> bool:
+    """Make this process's allocator OOM past `gpu_memory_gib`, as it would on a card of that size.
+    False (no cap) where the card in hand is that small or smaller: the card itself is the limit."""
     total = torch.cuda.get_device_properties(device).total_memory
     fraction = gpu_memory_gib * GIB / total
-    if fraction > 1:
-        raise ValueError(f"resources.gpu_memory_gib={gpu_memory_gib} exceeds this GPU's {gib(total):.1f} GiB")
+    if fraction >= 1:
+        return False
     torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return True
+
+
+class ProcessMemory:
+    """This process's whole footprint on its GPU, as nvidia-smi shows it (NVML's per-process used
+    memory: the allocator's pool plus the CUDA context, cuBLAS workspaces and loaded kernels), sampled
+    by a thread every `interval_s`; `peak_gib` is None where NVML cannot see this process (no driver
+    library, or a container whose process ids NVML does not report)."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.5):
+        self.peak_bytes, self._stop, self._read = 0, threading.Event(), None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            pid = os.getpid()
+
+            def read() -> int | None:
+                for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                    if p.pid == pid and p.usedGpuMemory is not None:
+                        return p.usedGpuMemory
+                return None
+            if read() is None:
+                return
+            self._read, self.interval_s = read, interval_s
+            threading.Thread(target=self._loop, daemon=True).start()
+        except Exception:
+            self._read = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def sample(self) -> None:
+        try:
+            used = self._read() if self._read else None
+        except Exception:
+            used = None
+        if used:
+            self.peak_bytes = max(self.peak_bytes, used)
+
+    @property
+    def peak_gib(self) -> float | None:
+        if self._read is None:
+            return None
+        self.sample()
+        return gib(self.peak_bytes)
+
+    def close(self) -> None:
+        self._stop.set()

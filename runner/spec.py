@@ -6,9 +6,12 @@ Loading them (YAML, `--set`, paths, error messages) is `runner.loading`.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from runner.cards import Card, allocator_budget_gib, custom_card, find_card, load_catalogue, unknown_card_message
 
 
 class SpecError(ValueError):
@@ -123,6 +126,37 @@ class LoraSpec(_Strict):
     `bf16=True`, without its per-adapter input copies)."""
 
 
+def compute_dtype(dtype: str, quantization: str, use_gpu: bool) -> str:
+    """The dtype a job computes in: `auto` is bfloat16 on a GPU (float32 on CPU); an fp8 base computes
+    in bfloat16 on a GPU."""
+    if quantization == "fp8" and use_gpu:
+        return "bfloat16"
+    if dtype == "auto":
+        return "bfloat16" if use_gpu else "float32"
+    return dtype
+
+
+def job_card(job: "JobSpec", total_gib: float | None = None) -> tuple[Card | None, dict[str, Card]]:
+    """The card a GPU job is for: a card of `total_gib` (`--gpu-memory-gib`), else its resources.gpu; and
+    the catalogue it was found in."""
+    catalogue = load_catalogue(job.resources.gpu_catalogue)
+    if total_gib is not None:
+        return custom_card(total_gib), catalogue
+    return (find_card(job.resources.gpu, catalogue) if job.resources.gpu else None), catalogue
+
+
+def space_for_card(job: "JobSpec", space: "SearchSpaceSpec", total_gib: float | None = None) -> "SearchSpaceSpec":
+    """The space with its ceiling (an allocator cap) set for the card the job is for: the card's total less
+    what lives outside the allocator, so a probe on a bigger card runs out of memory where that card
+    would. On CPU, `total_gib` is the tensor-byte ceiling itself."""
+    if not job.resources.use_gpu:
+        return space if total_gib is None else space.model_copy(update={"gpu_memory_gib": total_gib})
+    card, catalogue = job_card(job, total_gib)
+    if card is None:
+        return space
+    return space.model_copy(update={"gpu_memory_gib": round(allocator_budget_gib(card, catalogue), 3)})
+
+
 def lever_conflicts(quantization: str, parallelism: str, offload: bool, policy: str) -> list[str]:
     """Lever pairs that cannot run together. The one rule: the job's validation and the search's
     `Config.valid` both call it, so a search never proposes a job that would not validate."""
@@ -220,7 +254,15 @@ class ResourcesSpec(_Strict):
     gpus_per_worker: float = Field(1, gt=0, le=1)
     """Fraction of a GPU per worker (several probes may share one card)."""
     gpu_memory_gib: float | None = Field(None, gt=0)
-    """Per-process cap (torch.cuda.set_per_process_memory_fraction), emulating a smaller card."""
+    """Per-process allocator cap (torch.cuda.set_per_process_memory_fraction), for a card not in the
+    catalogue; `gpu` is the way for a real card."""
+    gpu: str | None = None
+    """The card the job is for, by catalogue name (`L4`, `A10G`, `RTX-4090`, `T4`, ...; `fitrun estimate
+    --cards` lists them). The job must fit its whole-process memory; on a bigger card the allocator is
+    capped where that card would run out, and levers the card cannot run (fp8 below compute capability
+    8.9, bf16 below 8.0) are refused before anything runs."""
+    gpu_catalogue: str | None = None
+    """A YAML file of more cards (the shape of runner/cards.yaml); a card of a known name replaces it."""
     parallelism: Literal["ddp", "fsdp"] = "ddp"
     """How several workers share the job: `ddp` keeps a whole model on each worker and all-reduces the
     LoRA gradients once per optimizer step; `fsdp` (FSDP2, one `fully_shard` unit per decoder layer)
@@ -280,6 +322,7 @@ class JobSpec(_Strict):
         problems += lever_conflicts(self.model.quantization, self.resources.parallelism, ac.offload, ac.policy)
         if self.resources.gpu_memory_gib is not None and not self.resources.use_gpu:
             problems.append("resources.gpu_memory_gib needs resources.use_gpu: true")
+        problems += self._card_problems()
         liger = [f for f, on in (("training.kernels: liger", self.training.kernels == "liger"),
                                   ("training.loss: liger", self.training.loss == "liger")) if on]
         if liger and not self.resources.use_gpu:
@@ -292,6 +335,32 @@ class JobSpec(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _card_problems(self) -> list[str]:
+        """`resources.gpu`: a known card, on a GPU job, that can run the job's compute dtype and quantization."""
+        res = self.resources
+        if res.gpu is None:
+            return []
+        if res.gpu_catalogue is not None and not Path(res.gpu_catalogue).is_file():
+            return [f"resources.gpu_catalogue: {res.gpu_catalogue!r} is not a file"]
+        catalogue = load_catalogue(res.gpu_catalogue)
+        card = find_card(res.gpu, catalogue)
+        if card is None:
+            return [f"resources.gpu: {unknown_card_message(res.gpu, catalogue)}"]
+        problems = []
+        if not res.use_gpu:
+            problems.append("resources.gpu needs resources.use_gpu: true")
+        if res.gpu_memory_gib is not None:
+            problems.append("set resources.gpu (a catalogued card: its whole-process budget) or "
+                            "resources.gpu_memory_gib (an allocator cap), not both")
+        reason = card.can_run(self.compute_dtype, self.model.quantization)
+        if reason:
+            problems.append(f"resources.gpu: {reason}")
+        return problems
+
+    @property
+    def compute_dtype(self) -> str:
+        return compute_dtype(self.model.dtype, self.model.quantization, self.resources.use_gpu)
 
     @property
     def global_batch_size(self) -> int:

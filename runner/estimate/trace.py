@@ -14,7 +14,6 @@ bench/results/).
 
 from __future__ import annotations
 
-import json
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -393,44 +392,3 @@ def parse_sweep(text: str) -> list[int]:
         lo, hi = values.split("..")
         return list(range(int(lo), int(hi) + 1))
     return [int(v) for v in values.split(",")]
-
-
-def format_table(est: Estimate, ceiling_gib: float | None) -> str:
-    unit = "GiB (reserved on CUDA)" if est.target == "cuda" else "GiB (tensor bytes on CPU)"
-    lines = [f"{'component':<24}{'GiB':>10}"]
-    lines += [f"{k:<24}{v:>10.4g}" for k, v in est.components_gib.items()]
-    lines.append(f"{'peak allocated':<24}{est.peak_allocated_gib:>10.4g}")
-    lines.append(f"{'predicted peak':<24}{est.peak_gib:>10.4g}  {unit}")
-    if ceiling_gib is not None:
-        margin = ceiling_gib - est.peak_gib
-        verdict = "fits" if margin >= 0 else "does NOT fit"
-        lines.append(f"ceiling {ceiling_gib:.2f} GiB: {verdict} (margin {margin:+.2f} GiB)")
-    return "\n".join(lines)
-
-
-def run_estimate_cli(job: JobSpec, ceiling_gib: float | None, sweep: str | None, as_json: bool) -> int:
-    ceiling_gib = ceiling_gib if ceiling_gib is not None else job.resources.gpu_memory_gib
-    if sweep:
-        try:
-            ks = parse_sweep(sweep)
-        except ValueError as e:
-            print(f"error: {e}")
-            return 2
-        results = sweep_k(job, ks)
-        if as_json:
-            print(json.dumps({k: e.to_dict() for k, e in results.items()}, indent=2))
-        else:
-            print(f"{'k':>4}{'peak GiB':>10}  fits")
-            for k, e in results.items():
-                fits = "" if ceiling_gib is None else ("yes" if e.peak_gib <= ceiling_gib else "no")
-                print(f"{k:>4}{e.peak_gib:>10.4g}  {fits}")
-        return 0
-    est = estimate(job)
-    if as_json:
-        out = est.to_dict()
-        if ceiling_gib is not None:
-            out.update(ceiling_gib=ceiling_gib, fits=est.peak_gib <= ceiling_gib, margin_gib=ceiling_gib - est.peak_gib)
-        print(json.dumps(out, indent=2))
-    else:
-        print(format_table(est, ceiling_gib))
-    return 0

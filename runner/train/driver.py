@@ -13,9 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from runner.cards import allocator_cap_gib, fit_on
 from runner.kernels import check_available
 from runner.loading import dump_yaml, flatten, job_from_dict, map_local_paths, redact
-from runner.spec import JobSpec, ResourcesSpec, SpecError
+from runner.spec import JobSpec, ResourcesSpec, SpecError, job_card
 from runner.storage import Location, absolute, is_uri
 from runner.tracking import CREDENTIAL_ENV, RunLogger, start_run, tracking_uri, without_credentials
 from runner.train.worker import Probe, train_loop_per_worker
@@ -226,10 +227,15 @@ def run_train(spec: JobSpec, resume: bool = True, allow_changes: bool = False) -
     logger = _open_run(spec, out, uri, resume_from, changes, written)
     predicted = _predicted_peak(spec)
     logger.prediction(predicted, None)
-    cap = spec.resources.gpu_memory_gib if spec.resources.use_gpu else None
+    cap = allocator_cap_gib(spec.resources) if spec.resources.use_gpu else None
+    card, catalogue = job_card(spec)
+    if predicted is not None and card is not None:
+        fit = fit_on(card, catalogue, predicted, spec.compute_dtype, spec.model.quantization)
+        logger.metrics({"predicted_device_gib": fit.device_gib})
+        print(f"estimate: {fit.line()}", flush=True)
     if predicted is not None and cap and predicted > cap:
         worst = " on its longest batches (unpacked data is estimated at full sequence_len)" if not spec.data.packing else ""
-        print(f"warning: the memory estimate is {predicted:.1f} GiB, over resources.gpu_memory_gib={cap:g}: this job is "
+        print(f"warning: the memory estimate is {predicted:.1f} GiB, over the allocator cap of {cap:.2f} GiB: this job is "
               f"likely to run out of memory{worst}; `fitrun tune` finds a configuration that fits", flush=True)
     print(f"MLflow run {logger.run_id} ({redact(uri)}); output {out}", flush=True)
     if resume_from:

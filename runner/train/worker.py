@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
+from runner.cards import allocator_cap_gib
 from runner.data import IGNORE, MicroBatches, TokenizedData, collate, content_digest, tokenize
 from runner.loading import job_from_dict
-from runner.memory import PeakMemory, cap_gpu_memory
+from runner.memory import PeakMemory, ProcessMemory, cap_gpu_memory
 from runner.model import Trainable, build_tokenizer, build_trainable
 from runner.parallel import distribute, gradient_sync, local_value
 from runner.spec import JobSpec
@@ -58,6 +59,8 @@ class Run:
     console: Console = field(default_factory=lambda: Console(0))
     logger: RunLogger | None = None
     logged_through: int = 0    # steps already in the MLflow run (a restarted attempt logs after them)
+    process_memory: ProcessMemory | None = None  # the whole process on the GPU (NVML), beside the allocator
+    scaler: Any = None         # loss scaling for float16 compute on CUDA (cards without bf16)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -73,6 +76,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if monitor:
             run.logger.finish_system_metrics(monitor)
     summary = summarise(run, totals, last, oom)
+    run.process_memory.close()
     if run.logger:
         run.logger.metrics(numeric({f"final_{k}": v for k, v in summary.items()}), step=run.step)
     state = None if probe else {"model": run.trainable.model, "optimizer": run.optimizer,
@@ -90,6 +94,7 @@ def setup(spec: JobSpec, probe: Probe | None, tracking_uri: str | None, run_id: 
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = _device(spec)
+    process_memory = ProcessMemory(device)  # from before the model is built: weights, context, workspaces
     console = Console(rank)
     t = spec.training
 
@@ -115,8 +120,10 @@ def setup(spec: JobSpec, probe: Probe | None, tracking_uri: str | None, run_id: 
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=device.type == "cuda")
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=max_steps)
     logger = RunLogger(tracking_uri, run_id) if rank == 0 and run_id else None
+    # float16 (cards without bf16: T4, V100) overflows and underflows where bf16 does not: scale the loss.
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and spec.compute_dtype == "float16" else None
     run = Run(spec, probe, device, rank, world_size, data, batches, tok.pad_token_id, trainable, net, optimizer,
-              scheduler, max_steps, console=console, logger=logger)
+              scheduler, max_steps, console=console, logger=logger, process_memory=process_memory, scaler=scaler)
 
     resume = ray.train.get_checkpoint()  # Ray restores the run's latest checkpoint (same name + storage)
     if resume is not None:
@@ -144,8 +151,9 @@ def _device(spec: JobSpec) -> torch.device:
     if device.type != "cuda":
         raise RuntimeError("resources.use_gpu is true but this worker has no CUDA device")
     torch.cuda.set_device(device)
-    if spec.resources.gpu_memory_gib:
-        cap_gpu_memory(device, spec.resources.gpu_memory_gib)
+    cap = allocator_cap_gib(spec.resources)  # resources.gpu_memory_gib, or the budget of resources.gpu's card
+    if cap:
+        cap_gpu_memory(device, cap)
     return device
 
 
@@ -165,9 +173,11 @@ def loop(run: Run) -> tuple[dict[str, float], dict[str, float], str | None]:
             while run.step < run.max_steps:
                 memory.reset()
                 metrics = train_step(run.net, run.trainable.model, run.batches, run.optimizer, run.scheduler, t,
-                                     run.device, run.world_size)
+                                     run.device, run.world_size, run.scaler)
                 run.step += 1
                 metrics.update(memory.peaks_gib(), step=run.step, epoch=run.batches.epoch)
+                if (device_gib := run.process_memory.peak_gib) is not None:
+                    metrics["peak_device_gib"] = device_gib
                 _accumulate(totals, metrics, measured=run.step > measure_from)
                 if t.eval_steps and run.data.eval and run.step % t.eval_steps == 0:
                     metrics["eval_loss"] = evaluate(run.net, run.data.eval, run.pad_id, t.micro_batch_size, run.device)
@@ -239,6 +249,8 @@ def summarise(run: Run, totals: dict[str, float], last: dict[str, float], oom: s
         "trainable_tokens_per_s": totals["trainable_tokens"] / totals["time_s"] if totals["time_s"] else 0.0,
         "peak_allocated_gib": max(totals["peak_allocated_gib"], last.get("peak_allocated_gib", 0.0)),
         "peak_reserved_gib": max(totals["peak_reserved_gib"], last.get("peak_reserved_gib", 0.0)),
+        # the whole process (NVML), eval and checkpoint saves included: what the card must hold
+        "peak_device_gib": run.process_memory.peak_gib,
         "num_checkpointed_layers": len(run.trainable.layers),
         "num_layers": run.trainable.num_layers,
         "num_truncated": run.data.num_truncated,
@@ -262,8 +274,9 @@ def summarise(run: Run, totals: dict[str, float], last: dict[str, float], oom: s
     return summary
 
 
-def train_step(net, model, batches, optimizer, scheduler, t, device, world_size) -> dict[str, float]:
-    """One optimizer step: accumulate micro-batches, normalise by the step's label tokens, clip, step."""
+def train_step(net, model, batches, optimizer, scheduler, t, device, world_size, scaler=None) -> dict[str, float]:
+    """One optimizer step: accumulate micro-batches, normalise by the step's label tokens, clip, step
+    (with `scaler`, a float16 job's loss scaled for backward, the gradients unscaled before clipping)."""
     micro = [batches.next() for _ in range(t.gradient_accumulation_steps)]
     num_label_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
     trainable_tokens = num_label_tokens  # the step's, over every worker
@@ -279,16 +292,22 @@ def train_step(net, model, batches, optimizer, scheduler, t, device, world_size)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with gradient_sync(net, sync=i == len(micro) - 1):
             loss = net(**batch) / denom
-            loss.backward()
+            (scaler.scale(loss) if scaler else loss).backward()
         loss_sum += loss.detach()
     if world_size > 1:  # the step's loss over the global batch: each rank holds its share times N
         torch.distributed.all_reduce(loss_sum)
         loss_sum = loss_sum / world_size
     _sync(device)
     backward_done = time.perf_counter()
+    if scaler:
+        scaler.unscale_(optimizer)
     grad_norm = local_value(torch.nn.utils.clip_grad_norm_(
         [p for p in model.parameters() if p.requires_grad], t.max_grad_norm or float("inf")))
-    optimizer.step()
+    if scaler:
+        scaler.step(optimizer)  # skips the step where a gradient overflowed, and lowers the scale
+        scaler.update()
+    else:
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     _sync(device)

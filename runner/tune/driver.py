@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict, replace
 from typing import Any
 
+from runner.cards import MEASURED_ON, card_in_hand, load_catalogue, outside_allocator_gib
 from runner.loading import job_from_dict
 from runner.spec import JobSpec, SearchSpaceSpec
 from runner.storage import Location
@@ -122,7 +123,10 @@ def concurrency(job: JobSpec, space: SearchSpaceSpec, trial_cpus: float) -> tupl
         # NCCL refuses two ranks of one process group on one GPU, and Ray places fractional workers
         # on any card with room: a multi-worker trial takes whole GPUs (its cap still sets the ceiling).
         return max(1, min(by_cpu, int(gpus) // res.num_workers, space.max_concurrent_trials or 10**6)), 1.0
-    per_card = max(1, int(_card_gib() // (space.gpu_memory_gib + space.safety_margin_gib)))
+    # Each probe is a whole process: its allocator ceiling, the margin, and what lives outside the allocator.
+    catalogue = load_catalogue()
+    outside_gib, _ = outside_allocator_gib(card_in_hand() or catalogue[MEASURED_ON], catalogue)
+    per_card = max(1, int(_card_gib() // (space.gpu_memory_gib + space.safety_margin_gib + outside_gib)))
     n = min(by_cpu, int(per_card * gpus) // res.num_workers, space.max_concurrent_trials or 10**6)
     return max(1, n), 1.0 / per_card
 

@@ -21,7 +21,17 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from runner.loading import job_from_dict
-from runner.spec import JobSpec, SearchSpaceSpec, alpha_for, lever_conflicts, micro_batch_for, space_accumulations
+from runner.spec import (
+    JobSpec,
+    SearchSpaceSpec,
+    SpecError,
+    alpha_for,
+    compute_dtype,
+    job_card,
+    lever_conflicts,
+    micro_batch_for,
+    space_accumulations,
+)
 
 
 def lever(job_field: str, space_field: str, default: Any, tags: dict) -> Any:
@@ -99,6 +109,7 @@ def expand(job: JobSpec, space: SearchSpaceSpec, num_layers: int) -> tuple[list[
 
     check_space(job, space, num_layers)
     accums = space_accumulations(job, space)
+    card, _ = job_card(job)
     ks = space.activation_checkpointing.values(num_layers)
     lever_values = [[(f.name, v) for v in (_get(space, f.metadata["space_field"])
                                            or [_get(job, f.metadata["job_field"])])] for f in LEVERS]
@@ -108,9 +119,19 @@ def expand(job: JobSpec, space: SearchSpaceSpec, num_layers: int) -> tuple[list[
             for a in sorted(accums, reverse=True):
                 for p in space.activation_checkpointing.placements:
                     c = Config(r, micro_batch_for(job, a), a, p, None, **dict(levers))
-                    if c.valid():
+                    if c.valid() and not _card_refuses(card, job, c):
                         columns.append(c)
+    if not columns and card is not None:
+        raise SpecError("search space", [f"every config needs a lever the {card.name} cannot run: "
+                                         f"{_card_refuses(card, job, Config(8, 1, 1, 'first', None))}"])
     return columns, ks
+
+
+def _card_refuses(card, job: JobSpec, c: Config) -> str | None:
+    """Why the job's card cannot run config `c` (fp8 below compute capability 8.9, bf16 below 8.0), or None."""
+    if card is None:
+        return None
+    return card.can_run(compute_dtype(job.model.dtype, c.quantization, job.resources.use_gpu), c.quantization)
 
 
 def classify(result: dict | None, limit_gib: float, error: bool = False) -> dict:

@@ -27,8 +27,8 @@ def probe_spec(job: dict, c: Config, space: SearchSpaceSpec) -> tuple[JobSpec, P
                            save_steps=None, eval_steps=None, max_failures=0,
                            max_steps=space.probe_warmup_steps + space.probe_steps,
                            measure_warmup_steps=space.probe_warmup_steps)
-    if raw["resources"]["use_gpu"]:
-        raw["resources"]["gpu_memory_gib"] = space.gpu_memory_gib
+    if raw["resources"]["use_gpu"]:  # the ceiling is the card's allocator budget (spec.space_for_card)
+        raw["resources"].update(gpu_memory_gib=space.gpu_memory_gib, gpu=None)
     if not raw["data"]["packing"]:
         raw["data"]["pad_to_sequence_len"] = True
     probe = Probe(true_accum=c.gradient_accumulation_steps,
