@@ -81,38 +81,63 @@ def environment() -> dict:
 
 
 class DeviceSampler:
-    """Peak memory used on GPU 0 by anything beyond what was there when it started (NVML, every
-    `interval_s`): the whole process of an arm, as nvidia-smi shows it."""
+    """Peak GPU memory of one arm, as nvidia-smi shows it (NVML, every `interval_s`): the used memory of
+    the arm's processes (the driver it starts and its Ray workers, found as descendants of `pid`), summed;
+    where NVML lists no process of the arm (a sandbox that hides process ids), the whole card's used
+    memory beyond what was used at the start, which is only the arm's when arms run one at a time."""
 
     def __init__(self, interval_s: float = 0.25):
-        self.interval_s, self.peak_mib, self._stop = interval_s, 0, threading.Event()
+        self.interval_s, self.peak_mib, self.device_peak_mib, self._stop = interval_s, 0, 0, threading.Event()
+        self.pid = None
         try:
             import pynvml
 
             pynvml.nvmlInit()
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-            self._read = lambda: pynvml.nvmlDeviceGetMemoryInfo(self._handle).used // MIB
-            self.base_mib = self._read()
+            self._nvml, self._handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+            self.base_mib = self._used_mib()
         except Exception:
-            self._read = None
+            self._nvml = None
 
-    def __enter__(self):
-        if self._read:
-            self._thread = threading.Thread(target=self._loop, daemon=True)
-            self._thread.start()
+    def _used_mib(self) -> int:
+        return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used // MIB
+
+    def _arm_mib(self) -> int:
+        import psutil
+
+        try:
+            mine = {self.pid, *(p.pid for p in psutil.Process(self.pid).children(recursive=True))}
+        except psutil.Error:
+            return 0
+        return sum((p.usedGpuMemory or 0) for p in self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
+                   if p.pid in mine) // MIB
+
+    def start(self, pid: int) -> "DeviceSampler":
+        self.pid = pid
+        if self._nvml:
+            threading.Thread(target=self._loop, daemon=True).start()
         return self
 
     def _loop(self):
         while not self._stop.is_set():
-            self.peak_mib = max(self.peak_mib, self._read() - self.base_mib)
+            try:
+                self.peak_mib = max(self.peak_mib, self._arm_mib())
+                self.device_peak_mib = max(self.device_peak_mib, self._used_mib() - self.base_mib)
+            except Exception:
+                pass
             time.sleep(self.interval_s)
 
-    def __exit__(self, *exc):
+    def stop(self) -> None:
         self._stop.set()
 
     @property
     def peak_gib(self) -> float | None:
-        return self.peak_mib * MIB / GIB if self._read else None
+        if not self._nvml:
+            return None
+        return (self.peak_mib or self.device_peak_mib) * MIB / GIB
+
+    @property
+    def source(self) -> str:
+        return "arm's processes (NVML)" if self.peak_mib else "whole card beyond its start (NVML)"
 
 
 def run_arm(arm: Arm, steps: int | None, log_dir: Path) -> dict:
@@ -131,46 +156,64 @@ def run_arm(arm: Arm, steps: int | None, log_dir: Path) -> dict:
             args = [sys.executable, str(ROOT / arm.script), *arm.sets, *(["--steps", str(steps)] if steps else [])]
         log_path = log_dir / f"{arm.name}.log"
         started = time.time()
-        with DeviceSampler() as sampler, open(log_path, "w") as log:
-            p = subprocess.run(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+        sampler = DeviceSampler()
+        with open(log_path, "w") as log:
+            p = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+            sampler.start(p.pid)
+            stdout, _ = p.communicate()
+            sampler.stop()
         log_text = log_path.read_text()
         with open(log_path, "a") as log:
-            log.write(p.stdout)
-    figures = {"wall_s": round(time.time() - started, 1), "device_peak_gib": sampler.peak_gib}
+            log.write(stdout)
+    figures = {"wall_s": round(time.time() - started, 1), "device_peak_gib": sampler.peak_gib,
+               "device_peak_source": sampler.source}
     if p.returncode != 0:
-        return {**figures, "error": (log_text + p.stdout)[-2000:]}
+        return {**figures, "error": (log_text + stdout)[-2000:]}
     if arm.kind == "fitrun":
-        summary = json.loads(p.stdout[p.stdout.index("\n{") + 1:] if not p.stdout.startswith("{") else p.stdout)
+        summary = json.loads(stdout[stdout.index("\n{") + 1:] if not stdout.startswith("{") else stdout)
     else:
-        line = next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))
+        line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
         summary = json.loads(line[len("RESULT "):])
     figures.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None})
+    if figures.get("predicted_device_gib") and figures.get("device_peak_gib"):
+        figures["device_error_pct"] = (figures["predicted_device_gib"] / figures["device_peak_gib"] - 1) * 100
     if arm.card_total_mib is not None and figures["device_peak_gib"] is not None:
         figures["fits_card"] = figures["device_peak_gib"] * GIB / MIB <= arm.card_total_mib
     return figures
 
 
-def run_suite(suite: str, arms: list[Arm], steps: int | None) -> Path:
-    """Run `arms` in order, appending one JSON line per arm to bench/results/SUITE.jsonl as each ends."""
+def run_suite(suite: str, arms: list[Arm], steps: int | None, parallel: int = 1) -> Path:
+    """Run `arms` (`parallel` at a time: for memory-fit arms only, never for speed), appending one JSON
+    line per arm to bench/results/SUITE.jsonl as each ends."""
+    from concurrent.futures import ThreadPoolExecutor
+
     env, command_id = environment(), uuid.uuid4().hex[:12]
     out = RESULTS / f"{suite}.jsonl"
     log_dir = Path(os.environ.get("OUT", tempfile.gettempdir()))
     command = " ".join(["python", "bench/harness.py", *sys.argv[1:]])
-    for arm in arms:
+    lock = threading.Lock()
+
+    def one(arm: Arm) -> None:
         print(f"[{suite}] {arm.name} ...", flush=True)
         figures = run_arm(arm, steps, log_dir)
+        figures["arms_at_once"] = parallel
         line = {"suite": suite, "command_id": command_id, "date": datetime.datetime.now().isoformat(timespec="seconds"),
                 "command": command, **env, "arm": asdict(arm), "figures": figures}
-        with open(out, "a") as f:
+        with lock, open(out, "a") as f:
             f.write(json.dumps(line) + "\n")
         print(f"[{suite}] {arm.name}: " + json.dumps({k: v for k, v in figures.items() if k != "error"})
               + (f"\n  error: {figures['error'][-600:]}" if "error" in figures else ""), flush=True)
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        list(pool.map(one, arms))
     return out
 
 
 COLUMNS = (("tokens_per_s", "tokens/s", ",.0f"), ("peak_reserved_gib", "allocator peak reserved GiB", ".2f"),
+           ("predicted_peak_gib", "estimate, allocator GiB", ".2f"),
            ("device_peak_gib", "whole process GiB (NVML)", ".2f"), ("peak_device_gib", "worker's own NVML GiB", ".2f"),
-           ("loss", "loss", ".4f"), ("fits_card", "fits the card", ""))
+           ("predicted_device_gib", "estimate, whole process GiB", ".2f"),
+           ("device_error_pct", "estimate error, whole process %", "+.1f"), ("loss", "loss", ".4f"),
+           ("fits_card", "fits the card", ""))
 
 
 def report(suite: str) -> str:
@@ -187,7 +230,9 @@ def report(suite: str) -> str:
                f"- commit `{head['commit'][:12]}`{' (uncommitted changes)' if head['dirty'] else ''}; torch "
                f"{head['torch']}, CUDA {head['cuda']}, driver {head['driver']}; card total "
                f"{head['card_total_mib']} MiB as the driver reports it",
-               f"- command: `{head['command']}`", "",
+               f"- command: `{head['command']}`",
+               *([f"- arms ran {head['figures']['arms_at_once']} at a time: memory per arm holds, tokens/s are "
+                  "contended and not compared"] if head["figures"].get("arms_at_once", 1) > 1 else []), "",
                "| arm | " + " | ".join(c[1] for c in COLUMNS) + " | note |",
                "| --- |" + " --- |" * (len(COLUMNS) + 1)]
         figures = {r["arm"]["name"]: r["figures"] for r in rows}
@@ -224,10 +269,11 @@ def main() -> None:
     ap.add_argument("suite", choices=sorted(SUITES))
     ap.add_argument("--only", nargs="*", help="these arms of the suite, in the suite's order")
     ap.add_argument("--steps", type=int, help="optimizer steps per arm (default: the arm's own)")
+    ap.add_argument("--parallel", type=int, default=1, help="arms at once (memory-fit suites only; speed needs 1)")
     args = ap.parse_args()
     if args.verb == "run":
         arms = [a for a in SUITES[args.suite] if not args.only or a.name in args.only]
-        run_suite(args.suite, arms, args.steps)
+        run_suite(args.suite, arms, args.steps, args.parallel)
     print(report(args.suite))
 
 

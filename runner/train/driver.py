@@ -229,8 +229,9 @@ def run_train(spec: JobSpec, resume: bool = True, allow_changes: bool = False) -
     logger.prediction(predicted, None)
     cap = allocator_cap_gib(spec.resources) if spec.resources.use_gpu else None
     card, catalogue = job_card(spec)
-    if predicted is not None and card is not None:
-        fit = fit_on(card, catalogue, predicted, spec.compute_dtype, spec.model.quantization)
+    fit = fit_on(card, catalogue, predicted, spec.compute_dtype, spec.model.quantization) \
+        if predicted is not None and card is not None else None
+    if fit:
         logger.metrics({"predicted_device_gib": fit.device_gib})
         print(f"estimate: {fit.line()}", flush=True)
     if predicted is not None and cap and predicted > cap:
@@ -251,7 +252,10 @@ def run_train(spec: JobSpec, resume: bool = True, allow_changes: bool = False) -
         last_line = (str(e).strip().splitlines() or [""])[-1]
         logger.end(ok=False, reason=f"{type(e).__name__}: {last_line[:300]}")
         raise
-    return _finish(result, out, logger, predicted)
+    summary = _finish(result, out, logger, predicted)
+    summary.update(predicted_peak_gib=predicted, **({"predicted_device_gib": fit.device_gib, "gpu": fit.card,
+                                                     "card_total_gib": fit.total_gib} if fit else {}))
+    return summary
 
 
 class ResumeRefused(Exception):

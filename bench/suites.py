@@ -1,0 +1,44 @@
+"""The bench suites, as data: each a list of arms that one command runs (bench/harness.py).
+
+    PYTHONPATH=. python bench/harness.py run cards --parallel 3      # the card jobs under their cards' budgets
+    PYTHONPATH=. python bench/harness.py run structure               # the 24 GiB job before and after a change
+"""
+
+from harness import Arm
+
+from runner.cards import load_catalogue
+
+RANDOM = ("model.init=random",)
+# 20 steps with an eval and a checkpoint save inside the window: what a real run holds at its peak.
+WINDOW = ("training.max_steps=20", "training.eval_steps=10", "training.save_steps=10", "data.val_fraction=0.05",
+          "training.warmup_steps=2")
+CARD_JOBS = {"L4": "l4", "A10G": "a10g", "RTX-4090": "rtx4090", "RTX-4080": "rtx4080", "T4": "t4"}
+
+
+def _card_arm(card: str, key: str) -> Arm:
+    total = load_catalogue()[card].memory_total_mib
+    return Arm(name=f"card-{key}", kind="fitrun", job=f"jobs/llama3-8b-lora-{key}.yaml", sets=RANDOM + WINDOW,
+               card_total_mib=total,
+               note=f"`resources.gpu: {card}`: allocator capped at the {card}'s budget on a bigger card")
+
+
+SUITES = {
+    # Issue 23: each shipped card job trains 20 steps (eval and a save inside) under its card's emulated
+    # budget; fits = the whole process (NVML) within the card's driver-reported total.
+    "cards": [_card_arm(card, key) for card, key in CARD_JOBS.items()],
+    # Issue 22: behaviour unchanged by the restructure. `.before/` holds `git archive` of the commit before
+    # it (0969317), carried to the device untracked; the same job file, 10 steps, one arm at a time.
+    "structure": [
+        Arm(name="before-24gb", kind="fitrun", job="jobs/llama3-8b-lora-24gb.yaml", tree=".before",
+            sets=RANDOM + ("training.max_steps=10",), note="commit 0969317, before the restructure"),
+        Arm(name="after-24gb", kind="fitrun", job="jobs/llama3-8b-lora-24gb.yaml", baseline="before-24gb",
+            sets=RANDOM + ("training.max_steps=10",), note="this commit"),
+    ],
+    # The tiny job on the CPU, before and after: its losses and tokens/s.
+    "structure-tiny": [
+        Arm(name="before-tiny", kind="fitrun", job="jobs/tiny-cpu.yaml", tree=".before",
+            sets=("training.max_steps=10", "training.logging_steps=1"), note="commit 0969317"),
+        Arm(name="after-tiny", kind="fitrun", job="jobs/tiny-cpu.yaml", baseline="before-tiny",
+            sets=("training.max_steps=10", "training.logging_steps=1"), note="this commit"),
+    ],
+}
