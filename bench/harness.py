@@ -65,8 +65,10 @@ def environment() -> dict:
     else from FITRUN_COMMIT (the device copy of the tree has no .git)."""
     import torch
 
-    env = {"commit": _git("rev-parse", "HEAD") or os.environ.get("FITRUN_COMMIT", "unknown"),
-           "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")), "torch": torch.__version__,
+    given = os.environ.get("FITRUN_COMMIT")  # the device's copy of the tree: its git state is not the commit's
+    env = {"commit": given or _git("rev-parse", "HEAD") or "unknown",
+           "dirty": False if given else bool(_git("status", "--porcelain", "--untracked-files=no")),
+           "torch": torch.__version__,
            "cuda": torch.version.cuda, "card": "CPU", "card_total_mib": None, "driver": None}
     try:
         import pynvml
@@ -143,7 +145,8 @@ class DeviceSampler:
 def run_arm(arm: Arm, steps: int | None, log_dir: Path) -> dict:
     """One arm in a fresh process; its figures (or `error`)."""
     cwd = ROOT / arm.tree if arm.tree else ROOT
-    env = {**os.environ, "FITRUN_PROGRESS": "0", "PYTHONPATH": str(cwd), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "FITRUN_PROGRESS": "0", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(cwd), os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory() as tmp:
         if arm.kind == "fitrun":
             sets = [f"output_dir={tmp}/out", f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db", *arm.sets]
