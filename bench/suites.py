@@ -10,9 +10,9 @@ from runner.cards import load_catalogue
 
 RANDOM = ("model.init=random",)
 # 20 steps with an eval and a checkpoint save inside the window: what a real run holds at its peak.
-WINDOW = ("training.max_steps=20", "training.eval_steps=10", "training.save_steps=10", "data.val_fraction=0.05",
+WINDOW = ("training.max_steps=20", "training.eval_steps=10", "training.save_steps=10", "data.val_fraction=0.3",
           "training.warmup_steps=2")
-CARD_JOBS = {"L4": "l4", "A10G": "a10g", "RTX-4090": "rtx4090", "RTX-4080": "rtx4080", "T4": "t4"}
+CARD_JOBS = {"L4": "l4", "T4": "t4", "RTX-4080": "rtx4080", "A10G": "a10g", "RTX-4090": "rtx4090"}  # big and small together
 
 
 def _card_arm(card: str, key: str) -> Arm:

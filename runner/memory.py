@@ -159,5 +159,8 @@ class ProcessMemory:
         self.sample()
         return gib(self.peak_bytes)
 
+    def reset(self) -> None:
+        self.peak_bytes = 0
+
     def close(self) -> None:
         self._stop.set()

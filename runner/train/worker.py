@@ -94,6 +94,12 @@ def setup(spec: JobSpec, probe: Probe | None, tracking_uri: str | None, run_id: 
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = _device(spec)
+    # A dry run of a quantized base builds its random weights in the model dtype first (a pretrained
+    # base is quantized while it loads): that moment is not the job's, so the cap and the whole-process
+    # peak start after the build.
+    dry_run_build = spec.model.init == "random" and spec.model.quantization != "none"
+    if not dry_run_build:
+        _cap(spec, device)
     process_memory = ProcessMemory(device)  # from before the model is built: weights, context, workspaces
     console = Console(rank)
     t = spec.training
@@ -110,6 +116,9 @@ def setup(spec: JobSpec, probe: Probe | None, tracking_uri: str | None, run_id: 
 
     first = {k: v.to(device) for k, v in collate([batches.rows[0]], batches.pad_id).items()}
     trainable = build_trainable(spec, device, vocab_size=len(tok), check_batch=first)
+    if dry_run_build:
+        _cap(spec, device)
+        process_memory.reset()
     console.say(f"activation checkpointing: {len(trainable.layers)}/{trainable.num_layers} layers {trainable.layers}")
     net = distribute(trainable.net, trainable.model, spec.resources.parallelism, device) if world_size > 1 \
         else trainable.net
@@ -142,7 +151,7 @@ def setup(spec: JobSpec, probe: Probe | None, tracking_uri: str | None, run_id: 
 
 
 def _device(spec: JobSpec) -> torch.device:
-    """This worker's device, capped at the memory ceiling on CUDA (the CPU limit is set in the loop)."""
+    """This worker's device (the CPU limit is set in the loop, the CUDA cap by `_cap`)."""
     import ray.train.torch
 
     if not spec.resources.use_gpu:
@@ -151,10 +160,16 @@ def _device(spec: JobSpec) -> torch.device:
     if device.type != "cuda":
         raise RuntimeError("resources.use_gpu is true but this worker has no CUDA device")
     torch.cuda.set_device(device)
-    cap = allocator_cap_gib(spec.resources)  # resources.gpu_memory_gib, or the budget of resources.gpu's card
-    if cap:
-        cap_gpu_memory(device, cap)
     return device
+
+
+def _cap(spec: JobSpec, device: torch.device) -> None:
+    """Cap the CUDA allocator where the job's card would run out (resources.gpu_memory_gib, or the
+    budget of resources.gpu's card)."""
+    cap = allocator_cap_gib(spec.resources) if device.type == "cuda" else None
+    if cap:
+        torch.cuda.empty_cache()  # a cap below what the allocator already holds would refuse at once
+        cap_gpu_memory(device, cap)
 
 
 def loop(run: Run) -> tuple[dict[str, float], dict[str, float], str | None]:
