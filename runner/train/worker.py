@@ -86,7 +86,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def setup(spec: JobSpec, probe: Probe | None, tracking_uri: str | None, run_id: str | None) -> Run:
-    """Device and ceiling, data, model with its levers, optimizer and schedule, resume."""
+    """Device and ceiling, data, model with its levers, optimizer and schedule, resume. Long on purpose:
+    the setup reads top to bottom in the order it happens."""
     import ray.train
     import ray.train.torch
     from transformers import get_scheduler
