@@ -491,7 +491,8 @@ def check_space(job: JobSpec, space: SearchSpaceSpec, num_layers: int) -> None:
             problems.append(f"activation_checkpointing.k: must lie in 0..{num_layers} (the model's layers), "
                             f"got {min(ks)}..{max(ks)}")
     if space.gpu_memory_gib is None:
-        problems.append("gpu_memory_gib: set a ceiling (in the space file or with --gpu-memory-gib)")
+        problems.append("gpu_memory_gib: set a ceiling (in the space file), or name the card: --gpu NAME "
+                        "(--gpu-memory-gib for a card not in the catalogue)")
     quantized = [q for q in (space.quantizations or []) if q in BITSANDBYTES]
     if quantized and not job.resources.use_gpu:
         problems.append(f"quantizations: {quantized} need resources.use_gpu: true in the job")

@@ -114,6 +114,7 @@ def test_sharegpt_odd_cases_are_counted_and_never_trained_as_junk(root, tokenize
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_ten_steps_on_sharegpt_through_fitrun_train(root, tmp_path):
     import subprocess
     import sys

@@ -7,7 +7,7 @@ from conftest import fitrun_train
 from mlflow.tracking import MlflowClient
 from test_train_ray import _adapter
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # end-to-end: real Ray clusters, fitrun through its CLI
 
 # The shared one-worker run (conftest `finished`): micro 4 x accum 2 = global 8, 8 steps, checkpoint
 # at step 4. Two workers: micro 4 x accum 1 x 2.

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # end-to-end: real Ray clusters, fitrun through its CLI
 
 PASSWORD = "planted-pw-3f9a1c"
 HF_TOKEN = "hf_plantedTOKENx7q2"

@@ -5,7 +5,7 @@ import torch
 from conftest import fitrun_train
 from mlflow.tracking import MlflowClient
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # end-to-end: real Ray clusters, fitrun through its CLI
 
 
 def _adapter(path):
@@ -100,7 +100,6 @@ CLI_GRAD_NORM = [1.2171540260314941, 1.2043849229812622, 1.1767315864562988, 1.2
                  1.0170432329177856, 0.8190815448760986, 0.7292346954345703, 0.6640400886535645, 0.5053238272666931]
 
 
-@pytest.mark.slow
 def test_loss_history_of_fitrun_train_is_pinned(root, tmp_path):
     from test_worker import EXPECTED_LOSS
 
@@ -117,7 +116,6 @@ def test_loss_history_of_fitrun_train_is_pinned(root, tmp_path):
     assert CLI_LOSS[:5] == pytest.approx(EXPECTED_LOSS[:5], rel=1e-6)
 
 
-@pytest.mark.slow
 def test_allow_changes_resumes_a_changed_job_and_records_it(root, tmp_path):
     """A crashed job whose spec then changed: refused with the differing field (exit 2), resumed with
     --allow-changes from its checkpoint, in the same MLflow run, the change recorded there."""

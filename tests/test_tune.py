@@ -261,6 +261,7 @@ def test_random_searcher_is_a_plain_baseline():
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_interrupted_search_resumes_without_duplicates(root, tmp_path):
     import signal
     from collections import Counter
@@ -411,6 +412,7 @@ def test_rank_is_a_quality_choice(root, monkeypatch):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_resumed_quality_phase_replaces_the_run_a_dead_driver_left_running(root, monkeypatch, tmp_path):
     """A search driver killed (SIGKILL) during its quality phase leaves that child run RUNNING. On
     --resume the quality phase reuses a finished rank's eval loss, marks the stale run KILLED with the
