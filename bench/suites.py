@@ -22,7 +22,25 @@ def _card_arm(card: str, key: str) -> Arm:
                note=f"`resources.gpu: {card}`: allocator capped at the {card}'s budget on a bigger card")
 
 
+def _l4_budget_gib() -> float:
+    from runner.cards import allocator_budget_gib
+
+    cards = load_catalogue()
+    return round(allocator_budget_gib(cards["L4"], cards), 3)
+
+
 SUITES = {
+    # Issue 25's ratio, honest: the 24 GB class's shipped job (the L4 job, under the L4's budget) against the
+    # seed recipe (HF Trainer + gradient checkpointing, bf16, r16, micro-batch 1 x 16) under the same
+    # allocator budget, one arm at a time in one command.
+    "l4-vs-seed": [
+        Arm(name="seed-recipe-l4", kind="script", script="bench/throughput_24gb.py",
+            sets=("--only", "seed", "--out", "/dev/null", "--cap-gib", str(_l4_budget_gib())),
+            note="HF Trainer + GC, bf16, r16, mb 1 x 16, allocator capped at the L4's budget"),
+        Arm(name="l4-job", kind="fitrun", job="jobs/llama3-8b-lora-l4.yaml", baseline="seed-recipe-l4",
+            sets=RANDOM + ("training.max_steps=6", "training.save_steps=null"),
+            note="jobs/llama3-8b-lora-l4.yaml under the L4's budget"),
+    ],
     # Issue 23: each shipped card job trains 20 steps (eval and a save inside) under its card's emulated
     # budget; fits = the whole process (NVML) within the card's driver-reported total.
     "cards": [_card_arm(card, key) for card, key in CARD_JOBS.items()],

@@ -117,8 +117,10 @@ def main() -> None:
     ap.add_argument("--only", help="internal: run one arm in this process and print its JSON")
     ap.add_argument("--job", default=JOB, help="a smaller job, to try the script on a CPU")
     ap.add_argument("--tuned-job", help="winner.yaml written by `fitrun tune`: arm (3) runs its tuned values")
+    ap.add_argument("--cap-gib", type=float, default=CAP_GIB,
+                    help="the allocator cap (default 24; a card's budget: `fitrun estimate --gpu NAME`)")
     args = ap.parse_args()
-    globals()["JOB"] = args.job
+    globals()["JOB"], globals()["CAP_GIB"] = args.job, args.cap_gib
     if args.tuned_job:
         ARMS["tuned"] = tuned_overrides(args.tuned_job)
         LABELS["tuned"] = f"(3) fitrun tuned: {args.tuned_job}"
