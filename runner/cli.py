@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             from runner.preflight import preflight  # (imports datasets: not needed by estimate)
 
             preflight(job, args.job)  # data, model, Ray address, output root: before Ray or a GPU
+            for note in job.ineffective_settings():
+                print(f"warning: {note}", file=sys.stderr)
         return COMMANDS[args.command](args, job, space)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -107,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
 def _validate(args, job: JobSpec, space: SearchSpaceSpec | None) -> int:
     if space is not None:
         from runner.model import model_config
-        from runner.spec import check_space
+        from runner.tune.search import expand
 
-        try:
-            check_space(job, space, model_config(job.model, allow_builtin=True).num_hidden_layers)
+        try:  # what `tune` runs first: the space's checks, then its configs (none is an error)
+            expand(job, space, model_config(job.model, allow_builtin=True).num_hidden_layers)
         except SpecError as e:
             print(f"error: {args.space}: {e}", file=sys.stderr)
             return 2

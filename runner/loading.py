@@ -23,16 +23,42 @@ from runner.spec import CREDENTIAL_OPTIONS, JobSpec, SearchSpaceSpec, SpecError
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     """`a.b=c` strings into a nested dict; values parsed as YAML (`3`, `true`, `[1,2]`)."""
     out: dict[str, Any] = {}
+    problems = []
     for item in overrides or []:
         if "=" not in item:
-            raise SpecError("--set", [f"{item!r}: expected dotted.key=value"])
+            problems.append(f"{item!r}: expected dotted.key=value")
+            continue
         key, raw = item.split("=", 1)
+        try:
+            value = yaml.load(raw, Loader=_UniqueKeyLoader)
+        except yaml.YAMLError as e:
+            problems.append(f"{key}: the value {raw!r} is not valid YAML ({str(e).splitlines()[0]})")
+            continue
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = value
+    if problems:
+        raise SpecError("--set", problems)
     return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last silently:
+    a second `training:` block would drop the first's settings)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice, on lines {seen[key]} and {line}: the second would "
+                    "silently replace the first; merge them", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -79,7 +105,7 @@ def _read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise SpecError(str(path), ["file not found"])
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise SpecError(str(path), [f"not valid YAML: {e}"]) from e
     if not isinstance(raw, dict):

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from runner.cards import Card, allocator_budget_gib, custom_card, find_card, load_catalogue, unknown_card_message
 
@@ -24,7 +24,8 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `1e400` reads as infinity in YAML; no field of a job means that.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +97,7 @@ class DataSpec(_Strict):
     or refuse the file (preflight names the row). Every drop is counted in the data accounting."""
     split: str = "train"
     """Split to read from an HF dataset id."""
-    sequence_len: int = Field(2048, gt=0)
+    sequence_len: int = Field(2048, ge=2)
     """Tokens per sequence; longer rows are truncated (and counted)."""
     packing: bool = False
     """Concatenate rows into full `sequence_len` blocks: no padding, constant memory per step."""
@@ -116,7 +117,7 @@ class LoraSpec(_Strict):
     lora_alpha: float = Field(32, gt=0)
     """LoRA scaling numerator (scale = lora_alpha / r)."""
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", min_length=1)
     """peft module names (q_proj, v_proj, ...) or `all-linear`."""
     adapter_dtype: Literal["float32", "model", "mixed"] = "float32"
     """`float32`: peft's default, fp32 adapters computed in fp32 (each adapter saves its own fp32 copy
@@ -270,10 +271,22 @@ class ResourcesSpec(_Strict):
     being computed. Ignored with one worker."""
 
 
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
 class TrackingSpec(_Strict):
     tracking_uri: str | None = None
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _known_scheme(cls, uri: str | None) -> str | None:
+        scheme = uri.split("://", 1)[0] if uri and "://" in uri else None
+        if scheme and scheme.split("+")[0] not in TRACKING_SCHEMES:
+            raise ValueError(f"MLflow stores runs in {', '.join(TRACKING_SCHEMES)} URIs (or a local path), "
+                             f"not {scheme}://")
+        return uri
     """MLflow tracking URI; default: sqlite:///mlflow.db in the working directory."""
-    experiment_name: str = "fitrun"
+    experiment_name: str = Field("fitrun", min_length=1)
     run_name: str | None = None
 
 
@@ -358,6 +371,17 @@ class JobSpec(_Strict):
             problems.append(f"resources.gpu: {reason}")
         return problems
 
+    def ineffective_settings(self) -> list[str]:
+        """Settings that validate but cannot take effect in this job: each is said once, before it runs."""
+        t, notes = self.training, []
+        if t.max_steps is not None and t.warmup_steps >= t.max_steps:
+            notes.append(f"training.warmup_steps ({t.warmup_steps}) >= training.max_steps ({t.max_steps}): the "
+                         f"learning rate never reaches {t.learning_rate:g}")
+        if t.eval_steps and not self.data.val_fraction:
+            notes.append("training.eval_steps is set but data.val_fraction is 0: there is no eval split, nothing is "
+                         "evaluated")
+        return notes
+
     @property
     def compute_dtype(self) -> str:
         return compute_dtype(self.model.dtype, self.model.quantization, self.resources.use_gpu)
@@ -384,13 +408,13 @@ def preset_num_layers(preset: str | None) -> int | None:
 
 
 class CheckpointDimension(_Strict):
-    k: list[int] | dict[str, int] | None = None
+    k: list[NonNegativeInt] | dict[str, int] | None = Field(None, min_length=1)
     """Checkpointed-layer counts: a list, or {min, max} (inclusive). Default: 0..num_layers."""
-    placements: list[Literal["first", "last", "every_n"]] = ["first"]
+    placements: list[Literal["first", "last", "every_n"]] = Field(["first"], min_length=1)
     """Placement strategies to try for each k."""
-    policies: list[Literal["full", "selective"]] | None = None
+    policies: list[Literal["full", "selective"]] | None = Field(None, min_length=1)
     """Recompute policies to try (default: the job's): selective keeps matmul outputs, costs memory, saves time."""
-    offloads: list[bool] | None = None
+    offloads: list[bool] | None = Field(None, min_length=1)
     """Offload checkpointed inputs to pinned host memory or not (default: the job's): less memory, some time."""
 
     def values(self, num_layers: int) -> list[int]:
@@ -404,17 +428,17 @@ class CheckpointDimension(_Strict):
 
 class SearchSpaceSpec(_Strict):
     activation_checkpointing: CheckpointDimension = CheckpointDimension()
-    lora_r: list[int] | None = None
+    lora_r: list[PositiveInt] | None = Field(None, min_length=1)
     """LoRA ranks to try; default: the job's."""
-    adapter_dtypes: list[Literal["float32", "model", "mixed"]] | None = None
+    adapter_dtypes: list[Literal["float32", "model", "mixed"]] | None = Field(None, min_length=1)
     """LoRA adapter dtypes to try (default: the job's); `mixed` and `model` save memory (see lora.adapter_dtype)."""
-    quantizations: list[Literal["none", "nf4", "int8", "fp8"]] | None = None
+    quantizations: list[Literal["none", "nf4", "int8", "fp8"]] | None = Field(None, min_length=1)
     """Base-weight quantizations to try (default: the job's; see model.quantization)."""
-    parallelisms: list[Literal["ddp", "fsdp"]] | None = None
+    parallelisms: list[Literal["ddp", "fsdp"]] | None = Field(None, min_length=1)
     """With several workers: data-parallel strategies to try (default: the job's; see resources.parallelism)."""
     lora_alpha_rule: str = "2*r"
     """lora_alpha as a function of r: `2*r`, `r`, `16` (a constant), ..."""
-    gradient_accumulation_steps: list[int] | None = None
+    gradient_accumulation_steps: list[PositiveInt] | None = Field(None, min_length=1)
     """Accumulation steps to try; micro-batch = global batch / (accum × workers)."""
     gpu_memory_gib: float | None = Field(None, gt=0)
     """Memory ceiling; on CPU it bounds measured tensor memory."""
@@ -440,6 +464,13 @@ class SearchSpaceSpec(_Strict):
     """Where the job has an eval split (`data.val_fraction`): each rank's fastest config that fits
     trains this many optimizer steps at the job's global batch (the same tokens, seed and data order
     for every rank), then its eval loss is reported beside its speed. 0: off."""
+
+    @model_validator(mode="after")
+    def _margin_below_ceiling(self) -> "SearchSpaceSpec":
+        if self.gpu_memory_gib is not None and self.safety_margin_gib >= self.gpu_memory_gib:
+            raise ValueError(f"safety_margin_gib ({self.safety_margin_gib}) must be less than gpu_memory_gib "
+                             f"({self.gpu_memory_gib}): nothing could fit")
+        return self
 
     @property
     def limit_gib(self) -> float | None:

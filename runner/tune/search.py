@@ -124,6 +124,10 @@ def expand(job: JobSpec, space: SearchSpaceSpec, num_layers: int) -> tuple[list[
     if not columns and card is not None:
         raise SpecError("search space", [f"every config needs a lever the {card.name} cannot run: "
                                          f"{_card_refuses(card, job, Config(8, 1, 1, 'first', None))}"])
+    if not columns:
+        raise SpecError("search space", ["no configuration to try: every combination of its levers is refused "
+                                         "(see `lever_conflicts`: offload with policy selective, fsdp with a "
+                                         "quantized base)"])
     return columns, ks
 
 

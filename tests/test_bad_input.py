@@ -1,0 +1,62 @@
+"""Bad input, second round (issue 27, a first part): each case is one clear exit-2 error from
+`fitrun validate` (what `train` and `tune` run first), never a traceback, or a warning where a setting
+cannot take effect."""
+
+import pytest
+
+from runner.cli import main
+
+JOB = "jobs/tiny-cpu.yaml"
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("training.learning_rate=.inf", "training.learning_rate: Input should be a finite number"),
+    ("training.num_epochs=.inf", "training.num_epochs: Input should be a finite number"),
+    ("tracking.experiment_name=''", "tracking.experiment_name: String should have at least 1 character"),
+    ("lora.target_modules=[]", "lora.target_modules: Value should have at least 1 item"),
+    ("data.sequence_len=1", "data.sequence_len: Input should be greater than or equal to 2"),
+    ("tracking.tracking_uri=ftp://host/runs", "not ftp://"),
+    ("training.seed=[unclosed", "the value '[unclosed' is not valid YAML"),
+])
+def test_a_bad_job_field_is_one_clear_error(root, monkeypatch, capsys, override, expected):
+    monkeypatch.chdir(root)
+    assert main(["validate", JOB, "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def test_a_key_given_twice_names_both_lines(root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(root)
+    text = (root / JOB).read_text().replace("data:\n", "data:\n", 1)
+    job = tmp_path / "twice.yaml"
+    job.write_text(text.replace("../data/", f"{root}/data/") + "training:\n  max_steps: 3\n")
+    assert main(["validate", str(job)]) == 2
+    err = capsys.readouterr().err
+    lines = [i + 1 for i, line in enumerate(job.read_text().splitlines()) if line.startswith("training:")]
+    assert f"the key 'training' appears twice, on lines {lines[0]} and {lines[1]}" in err
+
+
+@pytest.mark.parametrize("space,expected", [
+    ("activation_checkpointing: {placements: []}", "placements: List should have at least 1 item"),
+    ("lora_r: [0, -8, 4]", "lora_r.0: Input should be greater than 0"),
+    ("gradient_accumulation_steps: [0, 1]", "gradient_accumulation_steps.0: Input should be greater than 0"),
+    ("gpu_memory_gib: 1\nsafety_margin_gib: 2", "safety_margin_gib (2.0) must be less than gpu_memory_gib"),
+    ("activation_checkpointing: {policies: [selective], offloads: [true]}", "no configuration to try"),
+])
+def test_validate_space_refuses_what_tune_would(root, tmp_path, monkeypatch, capsys, space, expected):
+    """`validate --space` refuses, with exit 2, every space `tune` could not run, before Ray starts."""
+    monkeypatch.chdir(root)
+    path = tmp_path / "space.yaml"
+    path.write_text(("gpu_memory_gib: 1\n" if "gpu_memory_gib" not in space else "") + space + "\n")
+    assert main(["validate", JOB, "--space", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def test_settings_that_cannot_apply_warn_once(root, monkeypatch, capsys):
+    monkeypatch.chdir(root)
+    assert main(["validate", JOB, "--set", "training.max_steps=2", "--set", "training.eval_steps=2",
+                 "--set", "data.val_fraction=0"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: training.warmup_steps (5) >= training.max_steps (2)") == 1
+    assert err.count("no eval split, nothing is evaluated") == 1
