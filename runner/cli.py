@@ -1,4 +1,4 @@
-"""The command line: fitrun validate | train | tune | estimate | submit | status | logs | stop.
+"""The command line: fitrun validate | train | tune | estimate | generate | export | submit | status | logs | stop.
 Nothing else imports this module."""
 
 from __future__ import annotations
@@ -55,6 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max", metavar="FIELD", help="the largest value that fits the card: sequence_len")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+    p = sub.add_parser("generate", help="the finished job's base + adapter answering a prompt, streamed")
+    p.add_argument("output_dir", help="the job's output_dir (where `fitrun train` wrote adapter/)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampled")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("export", help="the adapter merged into its base, saved as a plain Transformers model")
+    p.add_argument("output_dir", help="the job's output_dir (where `fitrun train` wrote adapter/)")
+    p.add_argument("--merged", required=True, metavar="DIR", help="where to write the merged model")
+
     p = sub.add_parser("submit", help="submit a job (or, with --tune, a search) to a Ray cluster (Ray Jobs)")
     _job_args(p)
     p.add_argument("space", nargs="?", help="search space YAML (with --tune)")
@@ -87,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("status", "logs", "stop"):
             return _job_command(args)
+        if args.command in ("generate", "export"):
+            return _after_the_run(args)
         overrides = list(args.overrides)
         if getattr(args, "gpu", None):  # a card replaces an allocator cap the job file may hold
             overrides += [f"resources.gpu={args.gpu}", "resources.gpu_memory_gib=null"]
@@ -168,6 +181,19 @@ def _estimate(args, job: JobSpec, space: None) -> int:
 
 
 COMMANDS = {"validate": _validate, "train": _train, "tune": _tune, "submit": _submit, "estimate": _estimate}
+
+
+def _after_the_run(args) -> int:
+    if args.command == "generate":
+        from runner.inference.generate import generate
+
+        generate(args.output_dir, args.prompt, args.max_new_tokens, args.temperature, args.seed)
+        print()
+        return 0
+    from runner.inference.export import export_merged
+
+    export_merged(args.output_dir, args.merged)
+    return 0
 
 
 def _job_command(args) -> int:

@@ -105,6 +105,17 @@ def load_rows(spec: DataSpec) -> Dataset:
     return ds
 
 
+def prompt_ids(spec: DataSpec, tok, prompt: str) -> list[int]:
+    """A user's prompt as the job's data renders a prompt before its reply: the chat template's
+    generation prompt for conversations, the alpaca prompt for alpaca, the text itself for text."""
+    if spec.format in ("messages", "sharegpt"):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        return tok.encode(text, add_special_tokens=False)
+    if spec.format == "alpaca":
+        return [tok.bos_token_id] + tok.encode(ALPACA_PROMPT_NO_INPUT.format(instruction=prompt), add_special_tokens=False)
+    return [tok.bos_token_id] + tok.encode(prompt, add_special_tokens=False)
+
+
 def _tokenize_alpaca(row: dict, tok, train_on_inputs: bool) -> tuple[list[int], list[int]]:
     template = ALPACA_PROMPT if row.get("input") else ALPACA_PROMPT_NO_INPUT
     prompt = [tok.bos_token_id] + tok.encode(template.format(**row), add_special_tokens=False)
