@@ -60,3 +60,51 @@ def test_settings_that_cannot_apply_warn_once(root, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("warning: training.warmup_steps (5) >= training.max_steps (2)") == 1
     assert err.count("no eval split, nothing is evaluated") == 1
+
+
+def test_what_the_cluster_cannot_provide_is_refused_before_the_job_waits(root, monkeypatch):
+    from runner.loading import load_job
+    from runner.spec import SpecError
+    from runner.train.driver import check_cluster_resources
+
+    monkeypatch.chdir(root)
+    two_cores = [{"CPU": 2.0, "memory": 1e10}]
+    check_cluster_resources(load_job(JOB), two_cores)
+    with pytest.raises(SpecError, match="cpus_per_worker: 64 per worker, but the largest node has 2 CPU"):
+        check_cluster_resources(load_job(JOB, ["resources.cpus_per_worker=64"]), two_cores)
+    with pytest.raises(SpecError, match="3 workers x 1 CPU = 3, but the cluster has 2 CPU in all"):
+        check_cluster_resources(load_job(JOB, ["resources.num_workers=3", "training.gradient_accumulation_steps=1",
+                                               "training.micro_batch_size=1"]), two_cores)
+    with pytest.raises(SpecError, match="this Ray cluster has no GPU"):
+        check_cluster_resources(load_job(JOB, ["resources.use_gpu=true"]), two_cores)
+
+
+def test_a_non_finite_loss_stops_training():
+    from runner.train.worker import _check_finite
+
+    _check_finite({"loss": 1.0, "grad_norm": 2.0}, 3, scaled=False)
+    _check_finite({"loss": 1.0, "grad_norm": float("inf")}, 3, scaled=True)  # the scaler skips that step
+    with pytest.raises(FloatingPointError, match="non-finite loss nan at step 7"):
+        _check_finite({"loss": float("nan"), "grad_norm": 2.0}, 7, scaled=True)
+    with pytest.raises(FloatingPointError, match="grad_norm inf"):
+        _check_finite({"loss": 1.0, "grad_norm": float("inf")}, 7, scaled=False)
+
+
+def test_a_search_that_stops_never_leaves_its_parent_running(root, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from runner.loading import load_job, load_search_space
+    from runner.storage import Location
+    from runner.tracking import start_run
+    from runner.tune.driver import _parent_closed_if_stopped
+    from runner.tune.session import Search
+
+    monkeypatch.chdir(root)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    job, space = load_job(JOB), load_search_space("search_spaces/tiny-cpu.yaml")
+    for error, status in ((RuntimeError("boom"), "FAILED"), (SystemExit(130), "KILLED")):
+        search = Search(job, space, uri, start_run(uri, "x", "tune"), Location(str(tmp_path)))
+        with pytest.raises(type(error)), _parent_closed_if_stopped(search):
+            raise error
+        run = MlflowClient(uri).get_run(search.parent_id)
+        assert run.info.status == status and run.data.tags["fitrun.end_reason"]

@@ -114,6 +114,31 @@ def _signals_stop():
             signal.signal(s, h)
 
 
+def check_cluster_resources(spec: JobSpec, nodes: list[dict] | None = None) -> None:
+    """Each worker's CPUs and GPUs against the cluster's nodes (the live Ray nodes' resources, unless given):
+    a request that no node can meet, or that all of them together cannot, never starts (Ray would wait)."""
+    if nodes is None:
+        import ray
+
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    res, problems = spec.resources, []
+    asks = {"CPU": ("resources.cpus_per_worker", res.cpus_per_worker)}
+    if res.use_gpu:
+        asks["GPU"] = ("resources.gpus_per_worker", res.gpus_per_worker)
+    for kind, (field, per_worker) in asks.items():
+        largest, total = max((n.get(kind, 0) for n in nodes), default=0), sum(n.get(kind, 0) for n in nodes)
+        if kind == "GPU" and total == 0:
+            problems.append("resources.use_gpu: true, but this Ray cluster has no GPU (set resources.use_gpu: false "
+                            "to train on the CPU)")
+        elif per_worker > largest:
+            problems.append(f"{field}: {per_worker:g} per worker, but the largest node has {largest:g} {kind}")
+        elif per_worker * res.num_workers > total:
+            problems.append(f"resources.num_workers: {res.num_workers} workers x {per_worker:g} {kind} = "
+                            f"{per_worker * res.num_workers:g}, but the cluster has {total:g} {kind} in all")
+    if problems:
+        raise SpecError("job", problems)
+
+
 def check_cluster_storage(spec: JobSpec, uri: str, hosts: set[str] | None = None) -> None:
     """On a cluster of several hosts (the live Ray nodes' addresses, unless given), a local MLflow store
     would split the records across machines: refuse it before anything runs. The output directory must
@@ -223,7 +248,8 @@ def run_train(spec: JobSpec, resume: bool = True, allow_changes: bool = False) -
 
     uri = tracking_uri(spec.tracking)
     init_ray(spec.resources.address)
-    check_cluster_storage(spec, uri)  # before any MLflow run exists
+    check_cluster_resources(spec)  # before any MLflow run exists: a request no node meets would wait forever
+    check_cluster_storage(spec, uri)
     logger = _open_run(spec, out, uri, resume_from, changes, written)
     predicted = _predicted_peak(spec)
     logger.prediction(predicted, None)

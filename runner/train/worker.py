@@ -191,6 +191,7 @@ def loop(run: Run) -> tuple[dict[str, float], dict[str, float], str | None]:
                 metrics = train_step(run.net, run.trainable.model, run.batches, run.optimizer, run.scheduler, t,
                                      run.device, run.world_size, run.scaler)
                 run.step += 1
+                _check_finite(metrics, run.step, scaled=run.scaler is not None)
                 metrics.update(memory.peaks_gib(), step=run.step, epoch=run.batches.epoch)
                 if (device_gib := run.process_memory.peak_gib) is not None:
                     metrics["peak_device_gib"] = device_gib
@@ -233,6 +234,16 @@ def _check_run_open(run: Run) -> None:
     status = run.logger.status()
     if status != "RUNNING":
         raise RuntimeError(f"MLflow run {run.logger.run_id} is {status}: its driver is gone; this worker stops")
+
+
+def _check_finite(metrics: dict[str, float], step: int, scaled: bool) -> None:
+    """Stop at the first non-finite loss (or gradient norm: with loss scaling an overflowed step is skipped
+    by the scaler, not fatal), before a checkpoint or the adapter can take it."""
+    bad = {k: metrics[k] for k in ("loss", *(() if scaled else ("grad_norm",))) if not math.isfinite(metrics[k])}
+    if bad:
+        raise FloatingPointError(f"non-finite {', '.join(f'{k} {v}' for k, v in bad.items())} at step {step}: stopped "
+                                 "before any checkpoint or adapter took it; lower training.learning_rate or check "
+                                 "the data")
 
 
 def _accumulate(totals: dict[str, float], metrics: dict[str, float], measured: bool) -> None:

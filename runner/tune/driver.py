@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -165,11 +166,10 @@ def _alone(job: JobSpec) -> JobSpec:
 def run_tune(job: JobSpec, space: SearchSpaceSpec, options: TuneOptions = TuneOptions()) -> dict[str, Any]:
     """Run the search; print and return the winner, the frontier and the counts.
     Long on purpose: the driver reads top to bottom (set up or resume, search, rank, report)."""
-    import ray.tune
 
     from runner.kernels import check_available
     from runner.model import model_config
-    from runner.train.driver import absolute_paths, init_ray
+    from runner.train.driver import absolute_paths, check_cluster_resources, init_ray
 
     winner_base = job.model_copy(update={"model": job.model.model_copy(update={"init": options.file_init
                                                                                 or job.model.init})})
@@ -186,6 +186,7 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, options: TuneOptions = TuneOp
 
     # Set up, or resume: the parent run and the searcher's state from the output folder.
     init_ray(job.resources.address)
+    check_cluster_resources(job)
     n_concurrent, gpu_fraction = concurrency(job, space, TRIAL_CPUS)
     if job.resources.use_gpu:
         job = job.model_copy(update={"resources": job.resources.model_copy(update={"gpus_per_worker": gpu_fraction})})
@@ -209,12 +210,23 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, options: TuneOptions = TuneOp
                                       "ceiling_gib": space.gpu_memory_gib}, tags={"fitrun.kind": "tune"})
         search = Search(job, space, uri, parent_id, out)
         parent_file.write_text(parent_id)
-        target = "cuda" if job.resources.use_gpu else "cpu"
-        inner.predicted = predict_all(job, space, columns, ks, target, num_layers) if space.prune_with_estimate else {}
+    with _parent_closed_if_stopped(search):
+        if not inner.predicted and not inner.results and space.prune_with_estimate:  # a fresh search
+            target = "cuda" if job.resources.use_gpu else "cpu"
+            inner.predicted = predict_all(job, space, columns, ks, target, num_layers)
+        return _search_and_report(search, searcher, inner, grid_size=len(columns) * len(ks), n_concurrent=n_concurrent,
+                                  options=options, state_file=state_file, started=started)
+
+
+def _search_and_report(search: Search, searcher, inner: FitSearcher, grid_size: int, n_concurrent: int,
+                       options: TuneOptions, state_file: Location, started: datetime.datetime) -> dict[str, Any]:
+    """The packed phase, then rank, quality and report. Long on purpose: the phases in the order they run."""
+    import ray.tune
+
     searcher.on_pruned = search.log_pruned
-    grid_size = len(columns) * len(ks)
-    print(f"search: {len(columns)} columns x {len(ks)} k = {grid_size} configs; ceiling {space.gpu_memory_gib} GiB "
-          f"(margin {space.safety_margin_gib}); {n_concurrent} trial(s) at once; MLflow parent run {search.parent_id}",
+    print(f"search: {len(inner.columns)} columns x {len(inner.ks)} k = {grid_size} configs; "
+          f"ceiling {search.space.gpu_memory_gib} GiB "
+          f"(margin {search.space.safety_margin_gib}); {n_concurrent} trial(s) at once; MLflow parent run {search.parent_id}",
           flush=True)
 
     # The packed phase: Tune runs the searcher's configs, n_concurrent at a time.
@@ -239,6 +251,23 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, options: TuneOptions = TuneOp
     summary = summarise(search, outcome, options)
     search.parent.end(ok=outcome.winner is not None)
     return summary
+
+
+@contextmanager
+def _parent_closed_if_stopped(search: Search):
+    """A search that stops before its report never leaves its MLflow parent RUNNING: KILLED when it was
+    interrupted (`--resume` reopens it), FAILED with the reason when something failed."""
+    from runner.train.driver import Stopped
+
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, Stopped) as e:
+        search.parent.end(ok=False, status="KILLED", reason=f"interrupted ({type(e).__name__}): `fitrun tune` with "
+                                                            "--resume continues the search")
+        raise
+    except BaseException as e:
+        search.parent.end(ok=False, reason=f"{type(e).__name__}: {str(e)[-500:]}")
+        raise
 
 
 def rank_finalists(search: Search, inner: FitSearcher, n_concurrent: int, options: TuneOptions) -> Outcome:
