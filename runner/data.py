@@ -90,14 +90,56 @@ def normalize_conversation(turns, spec: DataSpec) -> tuple[list[dict] | None, li
     return messages, problems
 
 
-def load_rows(spec: DataSpec) -> Dataset:
-    path = Path(spec.path)
+HELD_OUT_STEMS = ("test", "eval", "valid", "validation", "dev")  # files a directory holds out of training
+
+
+@dataclass(frozen=True)
+class DataFiles:
+    """What a local `data.path` contributes: the files read as training rows, and the files not read."""
+
+    read: list[Path]
+    skipped: list[Path]
+
+    def warning(self) -> str | None:
+        if not self.skipped:
+            return None
+        return (f"data.path: reading {', '.join(p.name for p in self.read)}; not reading "
+                f"{', '.join(p.name for p in self.skipped)} (held out by name: the eval split is data.val_fraction "
+                "of the rows read)")
+
+
+def data_files(path: Path) -> DataFiles:
+    """The one rule for a local data path, used by preflight (counting) and the loader (reading): a file is
+    itself; a directory contributes every data file of its one type, sorted, except those named as
+    held-out splits (test, eval, valid, validation, dev). Raises ValueError with the fix otherwise."""
     if path.is_file():
         if path.suffix not in FILE_BUILDERS:
-            raise ValueError(f"data.path: unsupported file type {path.suffix!r}; use .jsonl, .json or .parquet")
-        ds = load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
-    elif path.is_dir():
-        ds = load_dataset(str(path), split=spec.split)
+            raise ValueError(f"unsupported file type {path.suffix or '(none)'!r} for {path.name}; use .jsonl, .json "
+                             "or .parquet")
+        return DataFiles([path], [])
+    files = sorted(p for p in path.iterdir() if p.suffix in FILE_BUILDERS)
+    if not files:
+        raise ValueError(f"directory {str(path)!r} holds no .jsonl/.json/.parquet files")
+    builders = {FILE_BUILDERS[p.suffix] for p in files}
+    if len(builders) > 1:
+        raise ValueError(f"directory {str(path)!r} mixes file types ({', '.join(p.name for p in files)}): one "
+                         "type is read as one table; keep one, or point data.path at a file")
+    skipped = [p for p in files if p.stem.lower().split("-")[0].split("_")[0] in HELD_OUT_STEMS]
+    read = [p for p in files if p not in skipped]
+    if not read:
+        raise ValueError(f"directory {str(path)!r} holds only held-out files ({', '.join(p.name for p in skipped)}): "
+                         "point data.path at the file to train on")
+    return DataFiles(read, skipped)
+
+
+def load_rows(spec: DataSpec) -> Dataset:
+    path = Path(spec.path)
+    if path.exists():
+        try:
+            files = data_files(path)
+        except ValueError as e:
+            raise ValueError(f"data.path: {e}") from None
+        ds = load_dataset(FILE_BUILDERS[files.read[0].suffix], data_files=[str(p) for p in files.read], split="train")
     else:
         ds = load_dataset(spec.path, split=spec.split)  # a hub id
     if spec.max_rows is not None:

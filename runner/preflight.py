@@ -9,16 +9,15 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
-from runner.data import conversation_fields, normalize_conversation, required_columns
+from runner.data import conversation_fields, data_files, normalize_conversation, required_columns
 from runner.loading import looks_local, redact
 from runner.spec import JobSpec, SpecError, layer_range_problems
 from runner.storage import Location, is_uri
-
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def preflight(spec: JobSpec, source: str = "job") -> None:
@@ -38,13 +37,14 @@ def check_data(spec: JobSpec) -> list[str]:
             return [] if _hub_ok() else [f"data.path: {d.path!r} is not a local path, and the Hugging Face hub is "
                                          "unreachable (HF_HUB_OFFLINE or no network): use a local file"]
         return [f"data.path: {d.path!r} does not exist (relative paths are read from {Path.cwd()})"]
-    files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES) if path.is_dir() else [path]
-    if path.is_dir() and not files:
-        return [f"data.path: directory {d.path!r} holds no {'/'.join(DATA_SUFFIXES)} files"]
+    try:
+        chosen = data_files(path)  # the loader's own rule: what it reads is what is counted here
+    except ValueError as e:
+        return [f"data.path: {e}"]
+    if chosen.warning():
+        print(f"warning: {chosen.warning()}", file=sys.stderr)
     rows, problems = 0, []
-    for f in files:
-        if f.suffix not in DATA_SUFFIXES:
-            return [f"data.path: unsupported file type {f.suffix or '(none)'!r} for {f.name}; use .jsonl, .json or .parquet"]
+    for f in chosen.read:
         n, problem = _count_rows(f, d)
         if problem:
             problems.append(f"data.path: {problem}")

@@ -2,6 +2,8 @@
 `fitrun validate` (what `train` and `tune` run first), never a traceback, or a warning where a setting
 cannot take effect."""
 
+import json
+
 import pytest
 
 from runner.cli import main
@@ -108,3 +110,38 @@ def test_a_search_that_stops_never_leaves_its_parent_running(root, tmp_path, mon
             raise error
         run = MlflowClient(uri).get_run(search.parent_id)
         assert run.info.status == status and run.data.tags["fitrun.end_reason"]
+
+
+@pytest.mark.parametrize("files,expected,reads", [
+    (["a.jsonl", "b.parquet"], "mixes file types", None),
+    (["dev.jsonl"], "holds only held-out files (dev.jsonl)", None),
+    (["train.jsonl", "test.jsonl"], "not reading test.jsonl", ["train.jsonl"]),
+    (["a.jsonl", "b.jsonl"], None, ["a.jsonl", "b.jsonl"]),
+])
+def test_preflight_and_the_loader_read_the_same_files(root, tmp_path, monkeypatch, capsys, files, expected, reads):
+    """One rule decides what a data directory contributes: preflight counts what the loader reads, and
+    a file that will not be read is named."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from runner.data import load_rows
+    from runner.loading import load_job
+
+    monkeypatch.chdir(root)
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
+    data = tmp_path / "d"
+    data.mkdir()
+    for i, name in enumerate(files):
+        rows = [row] * (5 + i)
+        if name.endswith(".parquet"):
+            pq.write_table(pa.Table.from_pylist(rows), data / name)
+        else:
+            (data / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    code = main(["validate", JOB, "--set", f"data.path={data}", "--set", "data.val_fraction=0"])
+    err = capsys.readouterr().err
+    if reads is None:
+        assert code == 2 and expected in err and "Traceback" not in err
+        return
+    assert code == 0 and (expected is None or expected in err)
+    spec = load_job(JOB, [f"data.path={data}"])
+    assert len(load_rows(spec.data)) == sum(5 + files.index(name) for name in reads)
