@@ -229,6 +229,12 @@ def tokenize(spec: DataSpec, tok, seed: int = 0) -> TokenizedData:
                 return {"input_ids": [], "labels": [], "truncated": False, "problems": problems,
                         "dropped": "bad_turns" if messages is None else "no_assistant_turn"}
             row = {"messages": messages}
+        elif spec.format == "alpaca" and not all(isinstance(row.get(k), str) and row[k].strip()
+                                                 for k in ("instruction", "output")):
+            # a null or empty instruction or output would train on the text "None", or on nothing
+            return {"input_ids": [], "labels": [], "truncated": False, "problems": problems, "dropped": "missing_text"}
+        elif spec.format == "alpaca" and not isinstance(row.get("input"), str):
+            row = {**row, "input": ""}
         ids, labels = fn(row, tok, spec.train_on_inputs)
         labels = labels[: spec.sequence_len]
         trainable = any(t != IGNORE for t in labels[1:])
@@ -242,7 +248,7 @@ def tokenize(spec: DataSpec, tok, seed: int = 0) -> TokenizedData:
     dropped = Counter(table.column("dropped").to_pylist())
     problems = Counter(pc.list_flatten(table.column("problems")).to_pylist())
     accounting = {"rows_read": float(len(encoded)), "rows_truncated": float(pc.sum(table.column("truncated")).as_py() or 0)}
-    for reason in ("bad_turns", "no_assistant_turn", "zero_trainable_tokens"):
+    for reason in ("bad_turns", "no_assistant_turn", "zero_trainable_tokens", "missing_text"):
         accounting[f"dropped_{reason}"] = float(dropped[reason])
     for problem in ("unknown_role", "empty_turn", "leading_non_user_turn", "late_system_turn"):
         accounting[f"turns_dropped_{problem}"] = float(problems[problem])

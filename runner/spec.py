@@ -74,6 +74,18 @@ class TokenizerSpec(_Strict):
     chat_template: str | None = None
     """Jinja chat template overriding the tokenizer's own (for `messages` data)."""
 
+    @field_validator("chat_template")
+    @classmethod
+    def _compiles(cls, template: str | None) -> str | None:
+        if template is not None:
+            import jinja2
+
+            try:
+                jinja2.Environment().parse(template)
+            except jinja2.TemplateSyntaxError as e:
+                raise ValueError(f"not a Jinja template ({e.message}, line {e.lineno})") from None
+        return template
+
 
 class DataSpec(_Strict):
     path: str

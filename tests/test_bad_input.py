@@ -145,3 +145,24 @@ def test_preflight_and_the_loader_read_the_same_files(root, tmp_path, monkeypatc
     assert code == 0 and (expected is None or expected in err)
     spec = load_job(JOB, [f"data.path={data}"])
     assert len(load_rows(spec.data)) == sum(5 + files.index(name) for name in reads)
+
+
+def test_alpaca_rows_without_text_are_dropped_not_trained_as_none(root, tmp_path, monkeypatch, tokenizer):
+    from runner.data import tokenize
+    from runner.loading import load_job
+
+    monkeypatch.chdir(root)
+    rows = [{"instruction": None, "input": "", "output": "x"}, {"instruction": "Say hi", "input": None, "output": "hi"},
+            {"instruction": "Add", "input": "1+1", "output": None}]
+    path = tmp_path / "a.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    spec = load_job(JOB, [f"data.path={path}", "data.format=alpaca", "data.val_fraction=0", "data.packing=false"])
+    data = tokenize(spec.data, tokenizer)
+    assert data.accounting["dropped_missing_text"] == 2 and len(data.train) == 1
+    assert "None" not in tokenizer.decode(data.train[0]["input_ids"])
+
+
+def test_a_chat_template_that_does_not_compile_is_refused(root, monkeypatch, capsys):
+    monkeypatch.chdir(root)
+    assert main(["validate", JOB, "--set", "tokenizer.chat_template='{% for m in messages %}{{ m.content }'"]) == 2
+    assert "tokenizer.chat_template: not a Jinja template" in capsys.readouterr().err
