@@ -43,7 +43,7 @@ def auth_token() -> str | None:
 def client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
-    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    address = dashboard_address(address)
     token = auth_token() if os.environ.get("RAY_AUTH_MODE", "token") != "disabled" else None
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
@@ -92,13 +92,30 @@ def submit(job_path: str, job: JobSpec, overrides: list[str], address: str | Non
     return submission_id
 
 
+def dashboard_address(address: str | None) -> str:
+    """`--address`, else Ray's own environment variables, else the local default."""
+    return address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+
+
+def _known(c, submission_id: str, address: str | None):
+    """The job's info; an id the cluster does not know is one clear error (Ray answers 404 with a traceback)."""
+    try:
+        return c.get_job_info(submission_id)
+    except RuntimeError as e:
+        if "404" not in str(e) and "does not exist" not in str(e):
+            raise
+        raise SpecError(submission_id, [f"no job {submission_id!r} on the cluster at {dashboard_address(address)}: "
+                                        "check the id `fitrun submit` printed, and --address"]) from None
+
+
 def status(submission_id: str, address: str | None) -> str:
-    info = client(address).get_job_info(submission_id)
+    info = _known(client(address), submission_id, address)
     return str(info.status.value if hasattr(info.status, "value") else info.status)
 
 
 def logs(submission_id: str, address: str | None, follow: bool) -> None:
     c = client(address)
+    _known(c, submission_id, address)
     if not follow:
         sys.stdout.write(c.get_job_logs(submission_id))
         return
@@ -114,6 +131,7 @@ def logs(submission_id: str, address: str | None, follow: bool) -> None:
 def stop(submission_id: str, address: str | None, timeout_s: float = 180) -> str:
     """Ask Ray to stop the job (SIGTERM to its driver), then wait until Ray reports it ended."""
     c = client(address)
+    _known(c, submission_id, address)
     c.stop_job(submission_id)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -206,6 +206,10 @@ def test_submit_status_logs_with_token_auth(root, tmp_path, cluster):
     no_token["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "missing")
     refused = fitrun(root, "status", job_id, "--address", dashboard, env=no_token)
     assert refused.returncode != 0  # the cluster enforces the token
+    for verb in ("status", "logs", "stop"):  # an id the cluster does not know: one line, exit 2
+        unknown = fitrun(root, verb, "no-such-job", "--address", dashboard, env=env)
+        assert unknown.returncode == 2 and "no job 'no-such-job' on the cluster" in unknown.stderr, unknown.stderr
+        assert "Traceback" not in unknown.stderr
 
 
 def test_stop_marks_the_run_killed(root, tmp_path, cluster):
