@@ -453,3 +453,24 @@ def test_resumed_quality_phase_replaces_the_run_a_dead_driver_left_running(root,
     runs = client.search_runs([client.get_experiment_by_name("fitrun-tiny").experiment_id],
                               filter_string=f"tags.fitrun_config = '{stale.key}' and attributes.status = 'FINISHED'")
     assert len(runs) == 1 and runs[0].data.metrics["eval_loss"] == pytest.approx(losses[stale.key])
+
+
+def test_the_winner_logged_to_mlflow_validates_wherever_it_is_downloaded(root, tmp_path, monkeypatch):
+    """The winner.yaml beside the search keeps paths relative to its folder; the copy logged to MLflow
+    (what a user downloads from the UI) holds absolute paths, so it validates in any folder."""
+    from runner.storage import Location
+    from runner.tracking import RunLogger, start_run
+    from runner.tune.report import write_winner
+
+    monkeypatch.chdir(root)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent = RunLogger(uri, start_run(uri, "x", "tune"))
+    job = load_job("jobs/tiny-cpu.yaml")
+    write_winner(job, Config(4, 4, 2, "every_n", 2), "2*r", "# winner\n", Location(str(tmp_path / "w" / "winner.yaml")),
+                 parent)
+    assert "../" in (tmp_path / "w" / "winner.yaml").read_text()
+    downloads = tmp_path / "downloads" / "deep"
+    downloads.mkdir(parents=True)
+    downloaded = MlflowClient(uri).download_artifacts(parent.run_id, "winner.yaml", str(downloads))
+    monkeypatch.chdir(tmp_path)
+    assert load_job(downloaded).activation_checkpointing.count == 2

@@ -3,6 +3,7 @@ its cost; printed, and logged to the search's parent MLflow run."""
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -196,14 +197,16 @@ def write_winner(job, c, alpha_rule: str, header: str, path: Location, parent: R
     raw["name"] = f"{job.name}-tuned"
     if "{name}" not in job.output_dir:
         raw["output_dir"] = sibling(job.output_dir, "{name}")
+    absolute = map_local_paths(copy.deepcopy(raw), lambda value: str(Path(value).resolve()))
     if is_uri(str(path)):  # a job file in an object store: its local paths absolute, as this machine sees them
-        map_local_paths(raw, lambda value: str(Path(value).resolve()))
+        raw = absolute
     else:  # its paths are relative to its own folder, as in any job file
         folder = Path(str(path)).parent.resolve()
         map_local_paths(raw, lambda value: os.path.relpath(Path(value).resolve(), folder))
-    text = header + dump_yaml(job_from_dict(raw))
-    path.write_text(text)
-    parent.text(text, "winner.yaml")
+    path.write_text(header + dump_yaml(job_from_dict(raw)))
+    # The copy a user downloads from the MLflow UI lands anywhere: absolute paths, so it validates there.
+    parent.text(header + "# paths: absolute, as the machine that ran the search saw them\n"
+                + dump_yaml(job_from_dict(absolute)), "winner.yaml")
 
 
 def cost(job, tokens_per_s: float, price: float) -> dict[str, float]:
