@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import os
 import shlex
 import sys
@@ -83,6 +84,7 @@ def submit(job_path: str, job: JobSpec, overrides: list[str], address: str | Non
     c.submit_job(entrypoint=shlex.join(command), submission_id=submission_id,
                  runtime_env={"working_dir": ".", "excludes": UPLOAD_EXCLUDES, "env_vars": env},
                  metadata={"fitrun_job": job.name})
+    remember(submission_id, dashboard_address(address))
     out = absolute(job.resolved_output_dir())
     print(f"submitted {submission_id}\n"
           f"  entrypoint: {redact(shlex.join(command))}\n"
@@ -92,9 +94,35 @@ def submit(job_path: str, job: JobSpec, overrides: list[str], address: str | Non
     return submission_id
 
 
-def dashboard_address(address: str | None) -> str:
-    """`--address`, else Ray's own environment variables, else the local default."""
-    return address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+def _submitted_file() -> Path:
+    """Where `fitrun submit` records the dashboard each job went to (FITRUN_STATE_DIR, default ~/.fitrun)."""
+    return Path(os.environ.get("FITRUN_STATE_DIR") or Path.home() / ".fitrun").expanduser() / "submitted.json"
+
+
+def remember(submission_id: str, address: str) -> None:
+    path = _submitted_file()
+    try:
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        known[submission_id] = address
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(known, indent=1))
+    except (OSError, ValueError) as e:  # a record we cannot keep costs only the --address later
+        print(f"warning: could not record where {submission_id} went ({e}); pass --address to status/logs/stop")
+
+
+def dashboard_address(address: str | None, submission_id: str | None = None) -> str:
+    """`--address`, else where `fitrun submit` sent this job, else Ray's environment variables, else the
+    local default."""
+    if address:
+        return address
+    if submission_id:
+        try:
+            recorded = json.loads(_submitted_file().read_text()).get(submission_id)
+        except (OSError, ValueError):
+            recorded = None
+        if recorded:
+            return recorded
+    return os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
 
 
 def _known(c, submission_id: str, address: str | None):
@@ -109,11 +137,13 @@ def _known(c, submission_id: str, address: str | None):
 
 
 def status(submission_id: str, address: str | None) -> str:
+    address = dashboard_address(address, submission_id)
     info = _known(client(address), submission_id, address)
     return str(info.status.value if hasattr(info.status, "value") else info.status)
 
 
 def logs(submission_id: str, address: str | None, follow: bool) -> None:
+    address = dashboard_address(address, submission_id)
     c = client(address)
     _known(c, submission_id, address)
     if not follow:
@@ -130,6 +160,7 @@ def logs(submission_id: str, address: str | None, follow: bool) -> None:
 
 def stop(submission_id: str, address: str | None, timeout_s: float = 180) -> str:
     """Ask Ray to stop the job (SIGTERM to its driver), then wait until Ray reports it ended."""
+    address = dashboard_address(address, submission_id)
     c = client(address)
     _known(c, submission_id, address)
     c.stop_job(submission_id)

@@ -185,6 +185,7 @@ def test_two_workers_on_two_nodes(root, tmp_path, cluster):
 
 def test_submit_status_logs_with_token_auth(root, tmp_path, cluster):
     _, dashboard, env = cluster
+    env = {**env, "FITRUN_STATE_DIR": str(tmp_path / "state")}  # where submit records each job's cluster
     out = fitrun(root, "submit", *tiny(tmp_path, "--set", "training.max_steps=6", "--set", "training.save_steps=3",
                                        "--set", "training.logging_steps=1"),
                  "--address", dashboard, env=env)
@@ -198,6 +199,8 @@ def test_submit_status_logs_with_token_auth(root, tmp_path, cluster):
         time.sleep(3)
     logs = fitrun(root, "logs", job_id, "--address", dashboard, env=env).stdout
     assert state == "SUCCEEDED", logs[-4000:]
+    # without --address: the cluster submit recorded for this id
+    assert fitrun(root, "status", job_id, env=env).stdout.strip() == "SUCCEEDED"
     assert "step     6/6" in logs
     client, run = the_run(tmp_path)  # written where the job said, not in Ray's temporary working-dir copy
     assert run.info.status == "FINISHED" and logged_steps(client, run) == [1, 2, 3, 4, 5, 6]
