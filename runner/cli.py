@@ -20,6 +20,7 @@ def _job_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    """Every command's arguments. Long on purpose: one block per command, in the order `--help` lists them."""
     parser = argparse.ArgumentParser(prog="fitrun", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 

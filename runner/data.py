@@ -210,7 +210,8 @@ def required_columns(spec: DataSpec) -> set[str]:
 
 def tokenize(spec: DataSpec, tok, seed: int = 0) -> TokenizedData:
     """Rows -> token ids and labels, with the data accounting: rows read, dropped by reason, truncated,
-    rows left with no trainable token (dropped, never batched), trainable tokens per epoch."""
+    rows left with no trainable token (dropped, never batched), trainable tokens per epoch. Long on purpose:
+    encode each row, then the accounting over Arrow columns, then the split, read top to bottom."""
     ds = load_rows(spec)
     fn = FORMATS[spec.format][0]
     needed = required_columns(spec)
