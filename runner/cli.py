@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
     p.add_argument("--allow-changes", action="store_true",
                    help="resume even though the spec changed since the checkpoint (recorded in MLflow)")
+    _register_arg(p)
 
     p = sub.add_parser("tune", help="search for the fastest config under a memory ceiling")
     _job_args(p)
@@ -46,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cheapest", action="store_true",
                    help="the fastest config at any LoRA rank (default: at the highest rank listed that fits); "
                         "a smaller rank trades adapter capacity, i.e. quality, for speed")
+    _register_arg(p)
 
     p = sub.add_parser("estimate", help="predict peak GPU memory without a GPU or weights")
     _job_args(p)
@@ -83,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _register_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--register", metavar="NAME", help="register the adapter's MLflow model as a new version of NAME "
+                   "(for a search: the winner's quality run); the same as tracking.register: NAME")
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
@@ -104,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.overrides)
         if getattr(args, "gpu", None):  # a card replaces an allocator cap the job file may hold
             overrides += [f"resources.gpu={args.gpu}", "resources.gpu_memory_gib=null"]
+        if getattr(args, "register", None):
+            overrides += [f"tracking.register={json.dumps(args.register)}"]
         job = load_job(args.job, overrides)
         space = load_search_space(args.space) if getattr(args, "space", None) else None
         if space is not None:

@@ -82,11 +82,18 @@ def open_store(uri: str) -> MlflowClient:
     return c
 
 
+# MLflow 3 opens an experiment on the view its kind asks for; an untagged one opens on the GenAI overview
+# (traces, latency, token usage), not on its runs. "finetuning" is one of the machine-learning kinds.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "finetuning"}
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment's id, created (tagged as a fine-tuning experiment) if it does not exist."""
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, artifact_location=local_artifact_root(client.tracking_uri))
+            return client.create_experiment(name, artifact_location=local_artifact_root(client.tracking_uri),
+                                            tags=EXPERIMENT_KIND)
         except MlflowException:  # another job created it a moment ago
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -97,6 +104,9 @@ def experiment_id(client: MlflowClient, name: str) -> str:
                          "whichever machine logs them (it was created against a local store): set "
                          "tracking.experiment_name to a new experiment, which the server creates with its own "
                          "artifact store")
+    if not exp.tags.get("mlflow.experimentKind"):  # made by an older fitrun, or by hand: leave a user's kind alone
+        for k, v in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(exp.experiment_id, k, v)
     return exp.experiment_id
 
 

@@ -278,10 +278,31 @@ def run_train(spec: JobSpec, resume: bool = True, allow_changes: bool = False) -
         last_line = (str(e).strip().splitlines() or [""])[-1]
         logger.end(ok=False, reason=f"{type(e).__name__}: {last_line[:300]}")
         raise
-    summary = _finish(result, out, logger, predicted)
+    summary = _finish(spec, result, out, logger, predicted)
     summary.update(predicted_peak_gib=predicted, **({"predicted_device_gib": fit.device_gib, "gpu": fit.card,
                                                      "card_total_gib": fit.total_gib} if fit else {}))
     return summary
+
+
+def log_model(spec: JobSpec, adapter_dir: Path, out: Location, logger: RunLogger, measured: dict[str, Any],
+              winner: dict[str, Any] | None = None) -> str | None:
+    """The adapter as the run's MLflow model, registered if the job asks (`tracking.register`). A failure to log
+    it warns and leaves the run's files as they are; a registration that was asked for and failed is an error."""
+    if not spec.tracking.log_model:
+        return None
+    from runner.registry import log_adapter_model
+
+    keep = ("tokens_per_s", "trainable_tokens_per_s", "peak_gib", "peak_device_gib", "loss", "eval_loss")
+    try:
+        local = None if is_uri(str(out)) else Path(str(out))
+        return log_adapter_model(spec, adapter_dir, local, logger.uri, logger.run_id,
+                                 {k: measured[k] for k in keep if k in measured}, spec.tracking.register, winner)
+    except Exception as e:
+        if spec.tracking.register:
+            raise
+        print(f"warning: the adapter was not logged as an MLflow model ({type(e).__name__}: {str(e)[-300:]}); "
+              f"its files are in {out / 'adapter'} and in the run's artifacts", flush=True)
+        return None
 
 
 class ResumeRefused(Exception):
@@ -318,14 +339,17 @@ def _open_run(spec: JobSpec, out: Location, uri: str, resume_from: Location | No
     return logger
 
 
-def _finish(result, out: Location, logger: RunLogger, predicted: float | None) -> dict[str, Any]:
+def _finish(spec: JobSpec, result, out: Location, logger: RunLogger, predicted: float | None) -> dict[str, Any]:
     summary = dict(result.metrics)  # the worker's final report (it carries the final checkpoint)
     adapter = out / "adapter"
+    logger.prediction(predicted, summary["peak_gib"])  # the worker's peak: reserved on GPU, tensor bytes on CPU
     with result.checkpoint.as_directory() as final:  # a local copy, also of a checkpoint in an object store
         adapter.upload(Path(final) / "adapter")
         logger.artifacts(Path(final) / "adapter", "adapter")
-    logger.prediction(predicted, summary["peak_gib"])  # the worker's peak: reserved on GPU, tensor bytes on CPU
+        model_uri = log_model(spec, Path(final) / "adapter", out, logger, summary)
     logger.end(ok=True)
+    if model_uri:
+        summary["mlflow_model_uri"] = model_uri
     (out / "DONE").write_text(json.dumps(summary))
     summary["adapter_dir"] = str(adapter)
     summary["mlflow_run_id"] = logger.run_id

@@ -13,6 +13,7 @@ import datetime
 import json
 from contextlib import contextmanager
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 from runner.cards import MEASURED_ON, card_in_hand, load_catalogue, outside_allocator_gib
@@ -247,7 +248,7 @@ def _search_and_report(search: Search, searcher, inner: FitSearcher, grid_size: 
     # Rank (the exclusive phase where probes shared a card), the quality phase, the report.
     outcome = rank_finalists(search, inner, n_concurrent, options)
     outcome.grid_size, outcome.started = grid_size, started
-    outcome.quality = quality_runs(search, [res["config"] for res in fastest_per_rank(inner)])
+    outcome.quality = quality_runs(search, [res["config"] for res in fastest_per_rank(inner)], outcome)
     summary = summarise(search, outcome, options)
     search.parent.end(ok=outcome.winner is not None)
     return summary
@@ -297,12 +298,13 @@ def run_exclusive(search: Search, configs: list[Config]) -> dict[str, dict]:
     return {c.key: measure(alone, c, "exclusive", f"exclusive-{c.key}") for c in configs}
 
 
-def quality_runs(search: Search, finalists: list[Config]) -> dict[str, float]:
+def quality_runs(search: Search, finalists: list[Config], outcome: Outcome | None = None) -> dict[str, float]:
     """Each rank's finalist trained `space.quality_steps` optimizer steps at the job's global batch (so
     the same tokens, in the same order, from the same seed), one at a time, then evaluated on the job's
     eval split: {config key: eval loss}. Each is a child run (phase `quality`); a resumed search
-    reuses a finished one. Nothing when the job has no eval split."""
-    from runner.train.driver import Stopped, make_trainer
+    reuses a finished one. Nothing when the job has no eval split. The winner's adapter becomes its run's
+    MLflow model (registered when the job asks)."""
+    from runner.train.driver import Stopped, log_model, make_trainer
     from runner.tune.search import apply_config
 
     space, job = search.space, search.job
@@ -325,8 +327,8 @@ def quality_runs(search: Search, finalists: list[Config]) -> dict[str, float]:
             "max_steps": space.quality_steps, "save_steps": None, "eval_steps": None, "max_failures": 0})})
         logger = search.child(c, "quality")
         try:
-            metrics = make_trainer(spec, f"quality-{c.key}", str(search.storage / "train"), search.uri,
-                                   logger.run_id).fit().metrics or {}
+            result = make_trainer(spec, f"quality-{c.key}", str(search.storage / "train"), search.uri, logger.run_id).fit()
+            metrics = result.metrics or {}
         except Stopped as e:
             logger.end(ok=False, status="KILLED", reason=f"stopped by {e}")
             raise
@@ -335,6 +337,12 @@ def quality_runs(search: Search, finalists: list[Config]) -> dict[str, float]:
             logger.end(ok=False, reason=str(e)[-2000:])
             continue
         logger.metrics({"eval_loss": metrics.get("eval_loss")}, step=space.quality_steps)
+        winner = outcome.winner if outcome else None
+        if winner and winner["config"] == c and result.checkpoint is not None:
+            measured = {"tokens_per_s": outcome.speed(winner), "peak_gib": winner["peak_gib"], **metrics}
+            with result.checkpoint.as_directory() as final:
+                log_model(spec, Path(final) / "adapter", search.out, logger, measured,
+                          winner={"key": c.key, "config": asdict(c), "speed_source": outcome.speed_source})
         logger.end(ok="eval_loss" in metrics)
         if "eval_loss" in metrics:
             losses[c.key] = metrics["eval_loss"]
