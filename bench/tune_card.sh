@@ -17,7 +17,7 @@ cmd=(python -m runner tune jobs/llama3-8b-lora.yaml "$space" --gpu "$card" --set
      --set lora.adapter_dtype=mixed --set training.compile=true --set "output_dir=$dir"
      --set "tracking.tracking_uri=sqlite:///$dir/mlflow.db" --out "$OUT/winner-$card.yaml" "$@")
 {
-  echo "commit: $(git rev-parse HEAD 2>/dev/null || cat .commit 2>/dev/null)"
+  echo "commit: $(cat .commit 2>/dev/null || git rev-parse HEAD 2>/dev/null)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python -c "import torch, transformers, peft, ray; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__, 'peft', peft.__version__, 'ray', ray.__version__)"
