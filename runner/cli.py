@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _register_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--register", metavar="NAME", help="register the adapter's MLflow model as a new version of NAME "
-                   "(for a search: the winner's quality run); the same as tracking.register: NAME")
+                   "(for a search: the winner's quality run); the same as tracking.registered_model_name: NAME")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "gpu", None):  # a card replaces an allocator cap the job file may hold
             overrides += [f"resources.gpu={args.gpu}", "resources.gpu_memory_gib=null"]
         if getattr(args, "register", None):
-            overrides += [f"tracking.register={json.dumps(args.register)}"]
+            overrides += [f"tracking.registered_model_name={json.dumps(args.register)}"]
         job = load_job(args.job, overrides)
         space = load_search_space(args.space) if getattr(args, "space", None) else None
         if space is not None:

@@ -302,14 +302,15 @@ class TrackingSpec(_Strict):
     run_name: str | None = None
     log_model: bool = True
     """The adapter as an MLflow model (transformers flavor, PEFT form; `runner.registry`), beside its files."""
-    register: str | None = Field(None, min_length=1, max_length=256, pattern=r"^[^/:%]+$")
+    registered_model_name: str | None = Field(None, min_length=1, max_length=256, pattern=r"^[^/:%]+$")
     """Registers that model as a new version of this registered model (`--register NAME`); for a search,
     the winner's quality run."""
 
     @model_validator(mode="after")
     def _register_needs_model(self) -> "TrackingSpec":
-        if self.register and not self.log_model:
-            raise ValueError("tracking.register needs tracking.log_model: true (the version registered is that model)")
+        if self.registered_model_name and not self.log_model:
+            raise ValueError("tracking.registered_model_name needs tracking.log_model: true (the version registered "
+                             "is that model)")
         return self
 
 
@@ -552,9 +553,10 @@ def check_space(job: JobSpec, space: SearchSpaceSpec, num_layers: int) -> None:
         problems.append(f"quantizations: {quantized} need resources.use_gpu: true in the job")
     if "fsdp" in (space.parallelisms or []) and job.resources.num_workers < 2:
         problems.append("parallelisms: fsdp shards across workers: it needs resources.num_workers >= 2 in the job")
-    if job.tracking.register and not (space.quality_steps and job.data.val_fraction):
-        problems.append(f"tracking.register: {job.tracking.register!r}: a search registers its winner's quality run, "
-                        "the one that trains an adapter: set quality_steps in the space and data.val_fraction in the job")
+    if job.tracking.registered_model_name and not (space.quality_steps and job.data.val_fraction):
+        problems.append(f"tracking.registered_model_name: {job.tracking.registered_model_name!r}: a search registers "
+                        "its winner's quality run, the one that trains an adapter: set quality_steps in the space and "
+                        "data.val_fraction in the job")
     try:
         alpha_for(space.lora_alpha_rule, 8)
     except SpecError as e:

@@ -146,6 +146,16 @@ def find_child(uri: str, experiment: str, parent_id: str, tags: dict[str, str], 
     return find_run(uri, experiment, " and ".join(clauses))
 
 
+def ui_link(uri: str, exp_id: str) -> str:
+    """The experiment's runs table in the MLflow UI. MLflow 3.17 opens an experiment on the view of its global
+    GenAI / Model-training switch (GenAI's overview by default), whatever the experiment's kind; the link names
+    the model-training view. A local store needs `mlflow ui` started on it first: the line says how."""
+    page = f"#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"{redact(uri).rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}  ->  http://127.0.0.1:5000/{page}"
+
+
 class RunLogger:
     """Rank-0 logging into an existing run from any process (Ray worker, Tune trial, driver)."""
 
@@ -222,6 +232,14 @@ class RunLogger:
 
     def status(self) -> str:
         return self.client.get_run(self.run_id).info.status
+
+    def rename(self, run_name: str) -> None:
+        """The run's name: the one column of the runs table a user sees without configuring it."""
+        self.client.update_run(self.run_id, name=run_name)
+
+    def runs_link(self) -> str:
+        """Where a user opens this run's experiment on its runs (`ui_link`)."""
+        return ui_link(self.uri, self.client.get_run(self.run_id).info.experiment_id)
 
     def reopen(self) -> None:
         """Mark an ended run RUNNING again: a resumed job or search goes on logging into it."""

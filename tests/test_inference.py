@@ -90,3 +90,51 @@ def test_generate_and_export_after_fitrun_train(root, finished, tmp_path):
     exp = subprocess.run([*env_cmd, "export", str(trained / "out"), "--merged", str(tmp_path / "m")], cwd=root,
                          capture_output=True, text=True, timeout=300)
     assert exp.returncode == 0 and (tmp_path / "m" / "config.json").is_file(), exp.stderr[-2000:]
+    # `fitrun train` logged the adapter as its run's MLflow model, and printed where the runs are.
+    summary = json.loads(finished[1].stdout[finished[1].stdout.rindex("\n{\n") + 1:])
+    assert summary["mlflow_model_uri"].startswith("models:/")
+    assert "#/experiments/" in finished[1].stdout and "workflowType=machine_learning" in finished[1].stdout
+
+
+def test_the_adapter_is_an_mlflow_model_that_loads_and_registers(output_dir, tmp_path):
+    """MLflow's transformers flavor in its PEFT form: adapter weights only, the base referenced (a small random
+    base saved beside the output), a registered version linked to the run, and `load_model` giving back the
+    PEFT model's logits."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from runner.registry import log_adapter_model
+    from runner.tracking import start_run
+
+    out, model, tok, spec = output_dir
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = start_run(uri, spec.tracking.experiment_name, "train")
+    model_uri = log_adapter_model(spec, out / "adapter", out, uri, run_id, {"tokens_per_s": 1234.5, "peak_gib": 0.01},
+                                  register="tiny-adapter")
+    assert (out / "base" / "config.json").is_file()  # the random base, from the job's seed
+    client = MlflowClient(uri)
+    (version,) = client.search_model_versions("name='tiny-adapter'")
+    assert version.run_id == run_id and version.source == model_uri
+    logged = mlflow.get_logged_model(model_uri.removeprefix("models:/"))
+    assert logged.source_run_id == run_id and logged.tags["fitrun.tokens_per_s"] == "1234.5"
+    assert len(logged.tags["fitrun.data_digest"]) == 32
+    mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "dl"))
+    artifacts = {p.name for p in (tmp_path / "dl").rglob("*")}
+    assert "adapter_model.safetensors" in artifacts and "model.safetensors" not in artifacts  # no base weights copied
+
+    pipe = mlflow.transformers.load_model(model_uri)
+    ids = torch.tensor([tok("hello world, a test").input_ids])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(pipe.model(ids).logits, model(ids).logits)
+
+
+def test_a_big_random_base_is_not_logged_as_a_model(root, monkeypatch, capsys):
+    """A dry run of the 8B (random weights) has no model to load: the adapter stays files only, said once."""
+    from runner.loading import load_job
+    from runner.registry import base_reference
+
+    monkeypatch.chdir(root)
+    spec = load_job("jobs/llama3-8b-lora.yaml", ["model.init=random"])
+    ref = base_reference(spec, None)
+    assert ref.path is None and "random-init dry run (8.0B parameters)" in ref.why_not

@@ -286,7 +286,7 @@ def run_train(spec: JobSpec, resume: bool = True, allow_changes: bool = False) -
 
 def log_model(spec: JobSpec, adapter_dir: Path, out: Location, logger: RunLogger, measured: dict[str, Any],
               winner: dict[str, Any] | None = None) -> str | None:
-    """The adapter as the run's MLflow model, registered if the job asks (`tracking.register`). A failure to log
+    """The adapter as the run's MLflow model, registered if the job asks (`tracking.registered_model_name`). A failure to log
     it warns and leaves the run's files as they are; a registration that was asked for and failed is an error."""
     if not spec.tracking.log_model:
         return None
@@ -296,9 +296,9 @@ def log_model(spec: JobSpec, adapter_dir: Path, out: Location, logger: RunLogger
     try:
         local = None if is_uri(str(out)) else Path(str(out))
         return log_adapter_model(spec, adapter_dir, local, logger.uri, logger.run_id,
-                                 {k: measured[k] for k in keep if k in measured}, spec.tracking.register, winner)
+                                 {k: measured[k] for k in keep if k in measured}, spec.tracking.registered_model_name, winner)
     except Exception as e:
-        if spec.tracking.register:
+        if spec.tracking.registered_model_name:
             raise
         print(f"warning: the adapter was not logged as an MLflow model ({type(e).__name__}: {str(e)[-300:]}); "
               f"its files are in {out / 'adapter'} and in the run's artifacts", flush=True)
@@ -348,6 +348,7 @@ def _finish(spec: JobSpec, result, out: Location, logger: RunLogger, predicted: 
         logger.artifacts(Path(final) / "adapter", "adapter")
         model_uri = log_model(spec, Path(final) / "adapter", out, logger, summary)
     logger.end(ok=True)
+    print(f"MLflow: {logger.runs_link()}", flush=True)
     if model_uri:
         summary["mlflow_model_uri"] = model_uri
     (out / "DONE").write_text(json.dumps(summary))

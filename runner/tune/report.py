@@ -99,10 +99,14 @@ def summarise(search: Search, outcome: Outcome, options: TuneOptions) -> dict[st
     write_winner(options.winner_base or search.job, c, space.lora_alpha_rule, header, path, parent)
     parent.tags({"winner": c.key})
     parent.metrics({"winner_tokens_per_s": tokens_per_s, "winner_peak_gib": winner["peak_gib"]})
+    # The runs table shows names without configuring it (metric columns must be picked by hand): the winner's
+    # config, speed and peak in the parent's name.
+    parent.rename(f"tune-{search.job.name}: {c.key}, {tokens_per_s:,.0f} tok/s, {winner['peak_gib']:.2f} GiB")
     print(f"\nwinner: {c.key}  {tokens_per_s:,.0f} tokens/s ({outcome.speed_source}), peak {winner['peak_gib']:.3f} "
           f"GiB; job written to {path}  " + (f"(fitrun train {path})" if not is_uri(str(path)) else
                                               "(a job file in the object store: copy it here, or tune with --out FILE)"))
     print(rank_choice_note(inner, c, options.cheapest))
+    print(f"MLflow: {parent.runs_link()}")
     if options.gpu_hour_price:
         summary.update(cost(search.job, tokens_per_s, options.gpu_hour_price))
     summary.update(winner=c.key, winner_config=asdict(c), winner_tokens_per_s=tokens_per_s,
