@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -87,34 +88,42 @@ def measure_in_process(spec, steps: int = 3, pad_to_full: bool = False) -> tuple
     return peak, sorted(times[1:])[len(times[1:]) // 2]
 
 
-@pytest.fixture()
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on 127.0.0.1 (SQLite behind it, proxied artifacts); stopped by PID."""
+@contextmanager
+def serve_mlflow(folder: Path):
+    """A real `mlflow server` on 127.0.0.1 (SQLite behind it, proxied artifacts, both in `folder`); stopped by PID."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mlflow = Path(sys.executable).parent / "mlflow"
     proc = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-                             "--artifacts-destination", str(tmp_path / "server-artifacts")],
+                             "--backend-store-uri", f"sqlite:///{folder}/server.db",
+                             "--artifacts-destination", str(folder / "server-artifacts")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(1)
-    yield url
-    # Stop what this fixture started, by PID: the mlflow CLI and the server processes below it.
-    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for p in tree:
-        p.terminate()
-    _, alive = psutil.wait_procs(tree, timeout=30)
-    for p in alive:
-        p.kill()
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(1)
+        yield url
+    finally:
+        # Stop what this started, by PID: the mlflow CLI and the server processes below it.
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for p in tree:
+            p.terminate()
+        _, alive = psutil.wait_procs(tree, timeout=30)
+        for p in alive:
+            p.kill()
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    with serve_mlflow(tmp_path) as url:
+        yield url
 
 
 @pytest.fixture()

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import measure_in_process
+from browser import check_search_in_ui, chromium
+from conftest import measure_in_process, serve_mlflow
 from mlflow.tracking import MlflowClient
 
 from runner.loading import load_job, load_search_space
@@ -145,18 +146,28 @@ def _rest_runs(url: str, experiment: str) -> list[dict]:
     return runs
 
 
+@pytest.fixture(scope="module")
+def search_on_server(root, tmp_path_factory):
+    """A finished tiny search on CPU against a real `mlflow server`, its winner registered as `tiny-winner`:
+    (folder, server URL, `fitrun tune` args, its output). Read by the REST and the browser tests."""
+    tmp_path = tmp_path_factory.mktemp("search")
+    env = {**os.environ, "FITRUN_PROGRESS": "0"}
+    with serve_mlflow(tmp_path) as url:
+        args = _tune_cli(tmp_path, url) + ["--cheapest"]  # the fastest at any rank: the brute force checks it
+        out = subprocess.run(args + ["--gpu-hour-price", "2.5", "--register", "tiny-winner"], cwd=root,
+                             capture_output=True, text=True, timeout=900, env=env)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+        yield tmp_path, url, args, out
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_cpu_search_matches_brute_force(root, tmp_path, mlflow_server):
+def test_cpu_search_matches_brute_force(root, search_on_server):
     """A real search on CPU against a real `mlflow server`, read back through its REST API."""
     from runner.tune.search import apply_config
 
+    tmp_path, mlflow_server, args, out = search_on_server
     env = {**os.environ, "FITRUN_PROGRESS": "0"}
-    args = _tune_cli(tmp_path, mlflow_server) + ["--cheapest"]  # the fastest at any rank: the brute force checks it
-    out = subprocess.run(args + ["--gpu-hour-price", "2.5"], cwd=root, capture_output=True, text=True, timeout=900,
-                         env=env)
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-4000:]
     assert "per 1M tokens" in out.stdout and "per epoch" in out.stdout
     assert "--cheapest: the fastest config at any rank" in out.stdout and "cost of each LoRA rank" in out.stdout
     counts = json.loads(next(line for line in out.stdout.splitlines() if line.startswith('{"trials_run"')).split("; ")[0])
@@ -195,6 +206,8 @@ def test_cpu_search_matches_brute_force(root, tmp_path, mlflow_server):
     runs = _rest_runs(mlflow_server, "fitrun-tiny")
     parents = [r for r in runs if r["data"]["tags"].get("fitrun.kind") == "tune"]
     assert len(parents) == 1 and parents[0]["data"]["tags"]["winner"] == w.key
+    assert parents[0]["info"]["run_name"].startswith("tune-tiny-cpu: ")  # the winner, in the runs table
+    assert parents[0]["info"]["run_name"].endswith(f" tok/s, {parents[0]['data']['metrics']['winner_peak_gib']:.2f} GiB, {w.key}")
     parent_id = parents[0]["info"]["run_id"]
     assert parents[0]["info"]["status"] == "FINISHED" and "winner_tokens_per_s" in parents[0]["data"]["metrics"]
     children = [r for r in runs if r["data"]["tags"].get("mlflow.parentRunId") == parent_id]
@@ -240,6 +253,26 @@ def test_cpu_search_matches_brute_force(root, tmp_path, mlflow_server):
     assert chosen.activation_checkpointing.count == w.k
     assert Path(chosen.data.path).resolve() == root / "data/instructions.messages.jsonl"
     assert "data/instructions.messages.jsonl" in elsewhere.read_text() and "../" in elsewhere.read_text()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.skipif(chromium() is None, reason="needs the system's Chromium: apt-get install chromium (.ci/run does)")
+def test_the_search_in_the_mlflow_ui(search_on_server):
+    """Issue 28, as a user sees it in headless Chromium: the experiment opens on its runs from the link fitrun
+    printed, the parent (named with its winner) expands to its children, the frontier image renders, and the
+    registered model's version links to the winner's quality run. Screenshots: <tmp>/ui-shots/."""
+    tmp_path, url, _, out = search_on_server
+    link = next(line.split("MLflow: ", 1)[1] for line in out.stdout.splitlines() if line.startswith("MLflow: "))
+    assert link.startswith(f"{url}/#/experiments/") and link.endswith("/runs?workflowType=machine_learning")
+    runs = _rest_runs(url, "fitrun-tiny")
+    parent = next(r for r in runs if r["data"]["tags"].get("fitrun.kind") == "tune")
+    (version,) = _rest(url, "model-versions/search", filter="name='tiny-winner'")["model_versions"]
+    winner_run = next(r for r in runs if r["info"]["run_id"] == version["run_id"])
+    assert winner_run["data"]["tags"]["fitrun_phase"] == "quality"
+    assert winner_run["data"]["tags"]["fitrun_config"] == parent["data"]["tags"]["winner"]
+    check_search_in_ui(url, parent["info"]["experiment_id"], parent["info"]["run_name"], "tiny-winner",
+                       version["run_id"], tmp_path / "ui-shots")
 
 
 def _trial_rows(url: str, run_id: str) -> list[list]:

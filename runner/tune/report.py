@@ -101,7 +101,7 @@ def summarise(search: Search, outcome: Outcome, options: TuneOptions) -> dict[st
     parent.metrics({"winner_tokens_per_s": tokens_per_s, "winner_peak_gib": winner["peak_gib"]})
     # The runs table shows names without configuring it (metric columns must be picked by hand): the winner's
     # config, speed and peak in the parent's name.
-    parent.rename(f"tune-{search.job.name}: {c.key}, {tokens_per_s:,.0f} tok/s, {winner['peak_gib']:.2f} GiB")
+    parent.rename(f"tune-{search.job.name}: {tokens_per_s:,.0f} tok/s, {winner['peak_gib']:.2f} GiB, {c.key}")
     print(f"\nwinner: {c.key}  {tokens_per_s:,.0f} tokens/s ({outcome.speed_source}), peak {winner['peak_gib']:.3f} "
           f"GiB; job written to {path}  " + (f"(fitrun train {path})" if not is_uri(str(path)) else
                                               "(a job file in the object store: copy it here, or tune with --out FILE)"))
