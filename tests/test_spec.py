@@ -91,7 +91,9 @@ def test_validate_space_rejects_what_tune_rejects(root, monkeypatch, tmp_path, c
         job = "jobs/tiny-cpu.yaml" if "tiny" in space.name else "jobs/llama3-8b-lora.yaml"
         two = ["--set", "resources.num_workers=2", "--set", "training.gradient_accumulation_steps=8"] \
             if "2gpu" in space.name else []
-        card = ["--gpu", "L4"] if "l4" in space.name else []  # a card's space: the ceiling comes from the card
+        # A card's space: the ceiling comes from the card.
+        card = {"fit-l4.yaml": ["--gpu", "L4"], "fit-a10g.yaml": ["--gpu", "A10G"],
+                "fit-16gb-card.yaml": ["--gpu", "RTX-4080"]}.get(space.name, [])
         assert main(["validate", job, "--set", "model.init=random", *two, *card, "--space", str(space)]) == 0, space
 
 
@@ -114,3 +116,23 @@ def test_paths_in_a_job_file_are_relative_to_its_folder(root, tmp_path, monkeypa
         load_job(tmp_path / "old.yaml")  # written relative to the current directory: refused with the fix
     assert "relative to the file's folder" in str(e.value) and "data/instructions.messages.jsonl" in str(e.value)
     assert "hub" not in str(e.value)
+
+
+def test_registering_a_model_is_checked_before_anything_runs(root, tmp_path, monkeypatch, capsys):
+    """`--register NAME` (tracking.registered_model_name): a name MLflow accepts, a model to register, and for a
+    search a winner that trains an adapter (its quality run)."""
+    from runner.cli import main
+
+    monkeypatch.chdir(root)
+    assert main(["validate", "jobs/tiny-cpu.yaml", "--set", "tracking.registered_model_name=ok-name"]) == 0
+    assert main(["validate", "jobs/tiny-cpu.yaml", "--set", "tracking.registered_model_name=a/b"]) == 2
+    assert "registered_model_name" in capsys.readouterr().err
+    assert main(["validate", "jobs/tiny-cpu.yaml", "--set", "tracking.registered_model_name=x",
+                 "--set", "tracking.log_model=false"]) == 2
+    assert "needs tracking.log_model: true" in capsys.readouterr().err
+    space = tmp_path / "no-quality.yaml"
+    space.write_text((root / "search_spaces/tiny-cpu.yaml").read_text().replace("quality_steps: 5", "quality_steps: 0"))
+    assert main(["validate", "jobs/tiny-cpu.yaml", "--set", "tracking.registered_model_name=x", "--space", str(space)]) == 2
+    assert "registers its winner's quality run" in capsys.readouterr().err
+    assert main(["validate", "jobs/tiny-cpu.yaml", "--set", "tracking.registered_model_name=x",
+                 "--space", "search_spaces/tiny-cpu.yaml"]) == 0
