@@ -60,7 +60,13 @@ def base_reference(spec: JobSpec, out: Path | None) -> BaseReference:
         if not (dest / "config.json").is_file():
             base = build_base(m.model_copy(update={"quantization": "none"}), torch.device("cpu"), len(tok),
                               spec.training.seed)
-            base.save_pretrained(dest)
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # a tiny base: no "Writing model shards" bar in the run's output
+            try:
+                base.save_pretrained(dest)
+            finally:
+                hf_logging.enable_progress_bar()
             tok.save_pretrained(dest)
         return BaseReference(path=str(dest.resolve()))
     if Path(m.name_or_path).is_dir():

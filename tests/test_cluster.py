@@ -92,6 +92,19 @@ def _answers(url: str) -> bool:
     return True
 
 
+COMMON = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+
+
+def _head(ray: str, temp: str) -> tuple[list[str], int, str]:
+    """`ray start --head` on free ports with its own --temp-dir: (command, GCS port, dashboard URL)."""
+    gcs, dashboard, client_port, *rest = _free_ports(7)
+    head = [ray, "start", "--head", f"--port={gcs}", f"--temp-dir={temp}", "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client_port}",
+            f"--dashboard-agent-listen-port={rest[0]}", f"--metrics-export-port={rest[1]}",
+            f"--runtime-env-agent-port={rest[2]}", f"--dashboard-agent-grpc-port={rest[3]}", *COMMON]
+    return head, gcs, f"http://127.0.0.1:{dashboard}"
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A head and a second node, token auth on; yields (gcs address, dashboard URL, env with the token)."""
@@ -103,16 +116,11 @@ def cluster(tmp_path_factory):
     # Short paths: Ray's unix sockets live under them. Each node its own, as on separate machines (nodes
     # sharing one temp dir also share, and garbage-collect, each other's runtime-env files).
     temp, temp2 = tempfile.mkdtemp(prefix="r", dir="/tmp"), tempfile.mkdtemp(prefix="r", dir="/tmp")
-    gcs, dashboard, client_port, *rest = _free_ports(12)
-    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
-    head = [ray, "start", "--head", f"--port={gcs}", f"--temp-dir={temp}", "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client_port}",
-            f"--dashboard-agent-listen-port={rest[0]}", f"--metrics-export-port={rest[1]}",
-            f"--runtime-env-agent-port={rest[2]}", f"--dashboard-agent-grpc-port={rest[3]}", *common]
-    worker = [ray, "start", f"--address=127.0.0.1:{gcs}", f"--temp-dir={temp2}", f"--dashboard-agent-listen-port={rest[4]}",
-              f"--metrics-export-port={rest[5]}", f"--runtime-env-agent-port={rest[6]}",
-              f"--dashboard-agent-grpc-port={rest[7]}", *common]
-    url = f"http://127.0.0.1:{dashboard}"
+    head, gcs, url = _head(ray, temp)
+    rest = _free_ports(4)
+    worker = [ray, "start", f"--address=127.0.0.1:{gcs}", f"--temp-dir={temp2}", f"--dashboard-agent-listen-port={rest[0]}",
+              f"--metrics-export-port={rest[1]}", f"--runtime-env-agent-port={rest[2]}",
+              f"--dashboard-agent-grpc-port={rest[3]}", *COMMON]
     nodes = []
     try:
         nodes.append((_start_node(head, env, logs / "head.log", lambda: _answers(f"{url}/api/version")), temp))
@@ -272,3 +280,22 @@ def test_killed_driver_then_rerun_resumes_and_refuses_a_changed_spec(root, tmp_p
     client, run = the_run(tmp_path)
     assert run.info.status == "FINISHED" and "fitrun.recovered" in run.data.tags
     assert logged_steps(client, run) == list(range(1, 17))
+
+
+def test_a_local_job_starts_its_own_ray_beside_two_running(root, tmp_path, cluster):
+    """Issue 27: with two Ray clusters already on the machine (the fixture's and one more head), a job with no
+    address starts a Ray of its own: no "Found multiple active Ray instances" traceback, and it trains."""
+    ray = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
+    temp = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    head, _, url = _head(ray, temp)
+    env = {k: v for k, v in cluster[2].items() if not k.startswith("RAY_AUTH")}
+    proc = _start_node(head, cluster[2], tmp_path / "head.log", lambda: _answers(f"{url}/api/version"))
+    try:
+        env.pop("RAY_ADDRESS", None)
+        out = fitrun(root, "train", *tiny(tmp_path, "--set", "training.max_steps=2", "--set", "training.eval_steps=null",
+                                          "--set", "training.save_steps=null"), env=env)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+        assert "multiple active Ray instances" not in out.stdout + out.stderr
+    finally:
+        _stop_node(proc, temp)
+        shutil.rmtree(temp, ignore_errors=True)

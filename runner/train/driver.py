@@ -51,8 +51,30 @@ def init_ray(address: str | None) -> None:
         return
     # Workers inherit the driver's path, so `python -m runner` works without an install too.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))
-    ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=True,
-             logging_level="WARNING")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=True,
+                 logging_level="WARNING")
+        return
+    # No address: a Ray of its own. Ray's default would join whatever Ray already runs on this machine (someone
+    # else's), and stop with "Found multiple active Ray instances" beside two of them; so would Ray Train's own
+    # actors that look their cluster up (its placement-group cleaner), unless RAY_ADDRESS tells them which.
+    port = _free_port()
+    env["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the head this init starts
+    try:
+        ray.init(address="local", runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=True,
+                 logging_level="WARNING")
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def absolute_paths(spec: JobSpec) -> JobSpec:
