@@ -64,6 +64,17 @@ def check_data(spec: JobSpec) -> list[str]:
                         f"{spec.resources.num_workers} workers): add rows or lower training.micro_batch_size")
     elif train_rows < 1:
         problems.append(f"data.path: no training rows in {d.path!r} (after val_fraction {d.val_fraction})")
+    elif d.packing and all(f.suffix in (".json", ".jsonl") for f in chosen.read):
+        # Packing keeps only full blocks of sequence_len. A byte-level BPE token is at least one byte of text,
+        # and a JSON row spends more bytes on its keys and quotes than its chat template spends on tokens: the
+        # files' size bounds the data's tokens from above.
+        most = sum(f.stat().st_size for f in chosen.read)
+        block = d.sequence_len * need
+        if most < block:
+            problems.append(f"data.packing: {d.path!r} holds at most {most:,} tokens (its files' bytes), fewer than "
+                            f"one packed micro-batch: data.sequence_len {d.sequence_len} x micro-batch "
+                            f"{spec.training.micro_batch_size} x {spec.resources.num_workers} worker(s) = {block:,}; "
+                            "lower data.sequence_len or add data")
     return problems
 
 
@@ -206,11 +217,18 @@ def _check_architecture(spec: JobSpec) -> list[str]:
     if targets != "all-linear":
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-        names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+        linears = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
+        names = {name.rsplit(".", 1)[-1] for name in linears}
+        in_layers = {name.rsplit(".", 1)[-1] for name in linears if ".layers." in name}
         unknown = [t for t in targets if t not in names]
+        outside = [t for t in targets if t in names and t not in in_layers]
         if unknown:
             problems.append(f"lora.target_modules: {unknown} match no linear layer of this model; "
-                            f"choose from {sorted(names)} or all-linear")
+                            f"choose from {sorted(in_layers)} or all-linear")
+        if outside:
+            problems.append(f"lora.target_modules: {outside} lie outside the decoder layers: fitrun adapts the decoder "
+                            "layers' linears (its loss computes the LM head from its weight, chunk by chunk); "
+                            f"choose from {sorted(in_layers)} or all-linear")
     return problems
 
 
