@@ -81,6 +81,17 @@ def test_what_the_cluster_cannot_provide_is_refused_before_the_job_waits(root, m
         check_cluster_resources(load_job(JOB, ["resources.use_gpu=true"]), two_cores)
 
 
+def test_a_busy_cluster_says_what_the_job_waits_for(root, monkeypatch):
+    from runner.loading import load_job
+    from runner.train.driver import waiting_for
+
+    monkeypatch.chdir(root)
+    assert waiting_for(load_job(JOB), {"CPU": 2.0}) is None
+    line = waiting_for(load_job(JOB, ["resources.num_workers=2", "training.gradient_accumulation_steps=1"]), {"CPU": 1.0})
+    assert line.startswith("waiting for the cluster: this job needs 2 CPU (2 worker(s) x 1), 1 free now;")
+    assert "GPU" in waiting_for(load_job(JOB, ["resources.use_gpu=true"]), {"CPU": 4.0})
+
+
 def test_a_non_finite_loss_stops_training():
     from runner.train.worker import _check_finite
 

@@ -161,6 +161,24 @@ def check_cluster_resources(spec: JobSpec, nodes: list[dict] | None = None) -> N
         raise SpecError("job", problems)
 
 
+def waiting_for(spec: JobSpec, free: dict | None = None) -> str | None:
+    """What a job that the cluster can hold but not now waits for (the free resources: Ray's, unless given):
+    a line to print before Ray Train waits in silence, or None when the workers can start at once."""
+    if free is None:
+        import ray
+
+        free = ray.available_resources()
+    res = spec.resources
+    asks = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
+    short = [f"{per_worker * res.num_workers:g} {kind} ({res.num_workers} worker(s) x {per_worker:g}), "
+             f"{free.get(kind, 0):g} free now" for kind, per_worker in asks.items()
+             if free.get(kind, 0) < per_worker * res.num_workers]
+    if not short:
+        return None
+    return (f"waiting for the cluster: this job needs {'; '.join(short)}; other work holds the rest, and the job "
+            "starts when it frees up (Ctrl-C gives up; the MLflow run is then marked KILLED)")
+
+
 def check_cluster_storage(spec: JobSpec, uri: str, hosts: set[str] | None = None) -> None:
     """On a cluster of several hosts (the live Ray nodes' addresses, unless given), a local MLflow store
     would split the records across machines: refuse it before anything runs. The output directory must
@@ -289,6 +307,8 @@ def run_train(spec: JobSpec, resume: bool = True, allow_changes: bool = False) -
     print(f"MLflow run {logger.run_id} ({redact(uri)}); output {out}", flush=True)
     if resume_from:
         print(f"resuming from {resume_from}", flush=True)
+    if waiting := waiting_for(spec):
+        print(waiting, flush=True)
 
     try:
         result = fit_interruptibly(make_trainer(spec, spec.name, str(out / "ray"), uri, logger.run_id))
