@@ -1,4 +1,4 @@
-"""The command line: fitrun validate | train | tune | estimate | generate | export | submit | status | logs | stop.
+"""The command line: fitrun validate | train | tune | estimate | generate | export | sync | submit | status | logs | stop.
 Nothing else imports this module."""
 
 from __future__ import annotations
@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir", help="the job's output_dir (where `fitrun train` wrote adapter/)")
     p.add_argument("--merged", required=True, metavar="DIR", help="where to write the merged model")
 
+    p = sub.add_parser("sync", help="deliver to MLflow what a job kept while its tracking server was away")
+    p.add_argument("output_dir", help="the job's output_dir (it holds mlflow-pending.jsonl)")
+
     p = sub.add_parser("submit", help="submit a job (or, with --tune, a search) to a Ray cluster (Ray Jobs)")
     _job_args(p)
     p.add_argument("space", nargs="?", help="search space YAML (with --tune)")
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("status", "logs", "stop"):
             return _job_command(args)
-        if args.command in ("generate", "export"):
+        if args.command in ("generate", "export", "sync"):
             return _after_the_run(args)
         overrides = list(args.overrides)
         if getattr(args, "gpu", None):  # a card replaces an allocator cap the job file may hold
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("validate", "train", "tune", "submit"):
             from runner.preflight import preflight  # (imports datasets: not needed by estimate)
 
-            preflight(job, args.job)  # data, model, Ray address, output root: before Ray or a GPU
+            preflight(job, args.job, here=args.command != "submit")  # data, model, Ray, output, tracking: before Ray
             for note in job.ineffective_settings():
                 print(f"warning: {note}", file=sys.stderr)
         return COMMANDS[args.command](args, job, space)
@@ -194,6 +197,10 @@ COMMANDS = {"validate": _validate, "train": _train, "tune": _tune, "submit": _su
 
 
 def _after_the_run(args) -> int:
+    if args.command == "sync":
+        from runner.train.driver import sync
+
+        return 1 if sync(args.output_dir) else 0
     if args.command == "generate":
         from runner.inference.generate import generate
 

@@ -20,8 +20,12 @@ from runner.spec import JobSpec, SpecError, layer_range_problems
 from runner.storage import Location, is_uri
 
 
-def preflight(spec: JobSpec, source: str = "job") -> None:
+def preflight(spec: JobSpec, source: str = "job", here: bool = True) -> None:
+    """Every check at once. `here`: the job runs from this machine (train, tune, validate), so its tracking
+    server must answer from here; a submitted job reaches it from the cluster."""
     problems = check_data(spec) + check_model(spec) + check_resources(spec) + check_output(spec)
+    if here:
+        problems += check_tracking(spec)
     if problems:
         raise SpecError(source, problems)
 
@@ -251,6 +255,28 @@ def check_resources(spec: JobSpec) -> list[str]:
     except OSError as e:
         return [f"resources.address: nothing answers at {parsed.hostname}:{parsed.port} ({e.strerror or e}); "
                 "is the Ray head running (`ray start --head`)?"]
+    return []
+
+
+def check_tracking(spec: JobSpec) -> list[str]:
+    """A tracking server must answer at the start (later, a run outlives its going away: `runner.tracking.Outbox`)."""
+    import urllib.error
+    import urllib.request
+
+    from runner.tracking import split_credentials
+
+    uri = spec.tracking.tracking_uri or ""
+    if not uri.startswith(("http://", "https://")):
+        return []
+    base = split_credentials(uri)[0].rstrip("/")
+    try:
+        urllib.request.urlopen(f"{base}/health", timeout=5).close()
+    except urllib.error.HTTPError:
+        return []  # it answers (a server without /health, or behind a proxy that wants the credentials)
+    except (OSError, ValueError) as e:
+        return [f"tracking.tracking_uri: nothing answers at {redact(base)} ({getattr(e, 'reason', e)}); start the "
+                "MLflow server (`mlflow server --host 127.0.0.1 --port 5000`), or track locally: "
+                "tracking.tracking_uri: sqlite:///mlflow.db"]
     return []
 
 

@@ -156,12 +156,152 @@ def ui_link(uri: str, exp_id: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}  ->  http://127.0.0.1:5000/{page}"
 
 
-class RunLogger:
-    """Rank-0 logging into an existing run from any process (Ray worker, Tune trial, driver)."""
+OUTBOX_FILE = "mlflow-pending.jsonl"
+OUTBOX_MAX_ENTRIES = 200_000     # about 60 MB of step metrics; beyond it new metrics are dropped and counted
+RETRY_EVERY_S = 15.0             # while the server is away, one delivery attempt per this many seconds
 
-    def __init__(self, uri: str, run_id: str):
+
+# MLflow's client retries a call 7 times with backoff (minutes) before it fails: a training step would wait that
+# long for a server that is away. fitrun's calls retry once; the record then waits in the job's outbox.
+FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
+def fail_fast() -> dict[str, str]:
+    """Set (where the user has not) and return the MLflow client settings of FAIL_FAST, for Ray workers too."""
+    for k, v in FAIL_FAST.items():
+        os.environ.setdefault(k, v)
+    return {k: os.environ[k] for k in FAIL_FAST}
+
+
+def unreachable(e: BaseException) -> bool:
+    """The tracking server did not answer (refused, timed out, 5xx): worth keeping the record for later."""
+    import requests
+
+    text = str(e)
+    return isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)) or (
+        isinstance(e, MlflowException) and ("failed with exception" in text or "Max retries exceeded" in text
+                                            or any(f"error code {c}" in text for c in (500, 502, 503, 504))))
+
+
+def outbox_path(output_dir: str) -> Path | None:
+    """Where a job keeps what its tracking server could not take: in its output folder, when that is local."""
+    return None if "://" in str(output_dir) else Path(output_dir) / OUTBOX_FILE
+
+
+class Outbox:
+    """What a run could not deliver while its tracking server was away: JSON lines on disk (under the job's
+    output_dir), in order, bounded; shared by the worker and the driver of one job through a lock file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.lock = FileLock(str(self.path) + ".lock")
+        self.dropped = 0
+
+    def entries(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        import json
+
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def add(self, entry: dict) -> None:
+        import json
+
+        with self.lock:
+            if entry["kind"] == "metrics" and self.path.exists() and \
+                    sum(1 for _ in self.path.open()) >= OUTBOX_MAX_ENTRIES:
+                self.dropped += 1
+                return
+            with self.path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def rewrite(self, entries: list[dict]) -> None:
+        import json
+
+        if entries:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(e) + "\n" for e in entries))
+            tmp.replace(self.path)
+        else:
+            self.path.unlink(missing_ok=True)
+
+
+class RunLogger:
+    """Rank-0 logging into an existing run from any process (Ray worker, Tune trial, driver). With an outbox,
+    a tracking server that goes away never stops training: metrics, tags, artifacts and the run's end wait on
+    disk and are delivered in order when it answers again (or by `fitrun sync OUTPUT_DIR`)."""
+
+    def __init__(self, uri: str, run_id: str, outbox: Path | None = None):
         self.client = open_store(uri)
         self.uri, self.run_id = uri, run_id
+        self.outbox = Outbox(outbox) if outbox else None
+        if outbox:
+            fail_fast()
+        self._next_try = 0.0
+        self._said_away = False
+
+    def _send(self, entry: dict) -> None:
+        """Deliver now, or keep it for later (behind anything already pending: the order holds)."""
+        if self.outbox is None:
+            return self._deliver(entry)
+        if self.outbox.path.exists() and not self.flush():
+            self.outbox.add(entry)
+            return
+        try:
+            self._deliver(entry)
+        except Exception as e:
+            if not unreachable(e):
+                raise
+            self._away(e)
+            self.outbox.add(entry)
+
+    def _away(self, e: BaseException) -> None:
+        self._next_try = time.monotonic() + RETRY_EVERY_S
+        if not self._said_away:
+            self._said_away = True
+            print(f"warning: MLflow at {redact(self.uri)} does not answer ({type(e).__name__}); training goes on, and "
+                  f"its records wait in {self.outbox.path} until it does", flush=True)
+
+    def _deliver(self, entry: dict) -> None:
+        kind = entry["kind"]
+        if kind == "metrics":
+            batch = [Metric(k, float(v), entry["ts"], entry["step"]) for k, v in entry["values"].items()]
+            self.client.log_batch(self.run_id, metrics=batch)
+        elif kind == "tags":
+            for k, v in entry["values"].items():
+                self.client.set_tag(self.run_id, k, v)
+        elif kind == "artifacts":
+            self.client.log_artifacts(self.run_id, entry["local_dir"], entry["path"])
+        elif kind == "end":
+            self.client.set_terminated(self.run_id, status=entry["status"])
+
+    def flush(self, force: bool = False) -> bool:
+        """Deliver what waits in the outbox, oldest first; True when nothing is left. While the server is away,
+        one attempt per RETRY_EVERY_S (`force`: now)."""
+        if self.outbox is None or not self.outbox.path.exists():
+            return True
+        if not force and time.monotonic() < self._next_try:
+            return False
+        with self.outbox.lock:
+            entries = self.outbox.entries()
+            for i, entry in enumerate(entries):
+                try:
+                    self._deliver(entry)
+                except Exception as e:
+                    if not unreachable(e):
+                        raise
+                    self.outbox.rewrite(entries[i:])
+                    self._away(e)
+                    return False
+            self.outbox.rewrite([])
+        if self._said_away:
+            print(f"MLflow at {redact(self.uri)} answers again: {len(entries)} pending record(s) delivered", flush=True)
+            self._said_away = False
+        return True
+
+    def pending(self) -> int:
+        return len(self.outbox.entries()) if self.outbox else 0
 
     def system_metrics(self, interval_s: float = 5.0):
         """Start MLflow's system-metrics sampler for this run in this process: CPU, memory, disk,
@@ -191,10 +331,9 @@ class RunLogger:
             print(f"warning: system metrics: {type(e).__name__}: {e}", flush=True)
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in values.items() if v is not None]
-        if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+        values = {k: float(v) for k, v in values.items() if v is not None}
+        if values:
+            self._send({"kind": "metrics", "values": values, "step": step or 0, "ts": int(time.time() * 1000)})
 
     def prediction(self, predicted_gib: float | None, measured_gib: float | None) -> None:
         """The estimate beside the measurement: `predicted_peak_gib` and, once measured, its error."""
@@ -205,8 +344,7 @@ class RunLogger:
             self.metrics({"estimate_error_pct": (predicted_gib - measured_gib) / measured_gib * 100})
 
     def tags(self, values: dict[str, Any]) -> None:
-        for k, v in values.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        self._send({"kind": "tags", "values": {k: str(v) for k, v in values.items()}})
 
     def text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
@@ -225,13 +363,20 @@ class RunLogger:
         self.client.log_table(self.run_id, data=columns, artifact_file=artifact_file)
 
     def artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+        """A folder's files (kept for later, if the server is away: `local_dir` must then still exist)."""
+        self._send({"kind": "artifacts", "local_dir": str(local_dir), "path": artifact_path})
 
     def figure(self, fig, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, fig, artifact_file, save_kwargs={"dpi": 110, "bbox_inches": "tight"})
 
     def status(self) -> str:
-        return self.client.get_run(self.run_id).info.status
+        """RUNNING, FINISHED, ...; UNKNOWN while the server is away (with an outbox)."""
+        try:
+            return self.client.get_run(self.run_id).info.status
+        except Exception as e:
+            if self.outbox is None or not unreachable(e):
+                raise
+            return "UNKNOWN"
 
     def rename(self, run_name: str) -> None:
         """The run's name: the one column of the runs table a user sees without configuring it."""
@@ -239,7 +384,12 @@ class RunLogger:
 
     def runs_link(self) -> str:
         """Where a user opens this run's experiment on its runs (`ui_link`)."""
-        return ui_link(self.uri, self.client.get_run(self.run_id).info.experiment_id)
+        try:
+            return ui_link(self.uri, self.client.get_run(self.run_id).info.experiment_id)
+        except Exception as e:
+            if not unreachable(e):
+                raise
+            return f"{redact(self.uri)} (not answering now)"
 
     def reopen(self) -> None:
         """Mark an ended run RUNNING again: a resumed job or search goes on logging into it."""
@@ -250,12 +400,21 @@ class RunLogger:
         return dict(self.client.get_run(self.run_id).data.metrics)
 
     def last_step(self, metric: str) -> int:
-        """The highest step already logged for `metric` (0 if none): a resumed run logs after it."""
-        return max((m.step for m in self.client.get_metric_history(self.run_id, metric)), default=0)
+        """The highest step already logged for `metric` (0 if none), pending ones included: a resumed run logs
+        after it."""
+        pending = [e["step"] for e in (self.outbox.entries() if self.outbox else [])
+                   if e["kind"] == "metrics" and metric in e["values"]]
+        try:
+            logged = [m.step for m in self.client.get_metric_history(self.run_id, metric)]
+        except Exception as e:
+            if self.outbox is None or not unreachable(e):
+                raise
+            logged = []
+        return max(logged + pending, default=0)
 
     def end(self, ok: bool, status: str | None = None, reason: str | None = None) -> None:
         """FINISHED if ok, else `status` (FAILED unless given, e.g. KILLED), with the reason as a tag."""
         if reason:
-            self.client.set_tag(self.run_id, "fitrun.end_reason", redact(reason)[:5000])
+            self.tags({"fitrun.end_reason": redact(reason)[:5000]})
         status = status or RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
-        self.client.set_terminated(self.run_id, status=status)
+        self._send({"kind": "end", "status": status})

@@ -89,11 +89,13 @@ def measure_in_process(spec, steps: int = 3, pad_to_full: bool = False) -> tuple
 
 
 @contextmanager
-def serve_mlflow(folder: Path):
-    """A real `mlflow server` on 127.0.0.1 (SQLite behind it, proxied artifacts, both in `folder`); stopped by PID."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def serve_mlflow(folder: Path, port: int | None = None):
+    """A real `mlflow server` on 127.0.0.1 (SQLite behind it, proxied artifacts, both in `folder`); stopped by PID.
+    The same folder and port again: the same server back after an outage."""
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     mlflow = Path(sys.executable).parent / "mlflow"
     proc = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                              "--backend-store-uri", f"sqlite:///{folder}/server.db",

@@ -1,10 +1,12 @@
 """MLflow tracking against a real SQLite store, from several processes at once."""
 
 import os
+import socket
 import subprocess
 import sys
 import time
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 START = """
@@ -70,3 +72,101 @@ def test_a_worker_stops_once_its_run_is_closed(tmp_path):
     logger.end(ok=False, status="KILLED", reason="fitrun stop")
     with pytest.raises(RuntimeError, match="is KILLED: its driver is gone; this worker stops"):
         _check_run_open(run)
+
+
+def _read_until_step(proc, step: int, seen: list[str], timeout_s: float = 300) -> None:
+    """Read the job's output until it prints its step line for `step` (or a later one)."""
+    import re
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError("the job ended first:\n" + "".join(seen[-40:]))
+        seen.append(line)
+        m = re.search(r"step\s+(\d+)/\d+ \|", line)
+        if m and int(m.group(1)) >= step:
+            return
+    raise AssertionError(f"no step {step} within {timeout_s} s")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_tracking_outage_never_stops_training(root, tmp_path):
+    """Issue 26: the MLflow server killed at step 10 of 40 and started again (same store, same port) at step 25:
+    training never stops, exit 0, one FINISHED run, 40 loss points, each step once; the output says the server
+    went away and that the waiting records were delivered."""
+    from conftest import serve_mlflow
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "FITRUN_PROGRESS": "0", "FITRUN_STEP_DELAY_S": "1.0", "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "runner", "train", "jobs/tiny-cpu.yaml", "--set", f"output_dir={tmp_path}/out",
+            "--set", f"tracking.tracking_uri=http://127.0.0.1:{port}", "--set", "training.max_steps=40",
+            "--set", "training.logging_steps=1", "--set", "training.save_steps=20", "--set", "training.eval_steps=null"]
+    seen: list[str] = []
+    with serve_mlflow(tmp_path, port):
+        proc = subprocess.Popen(args, cwd=root, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            _read_until_step(proc, 10, seen)
+        except BaseException:
+            proc.kill()
+            raise
+    try:  # the server is gone: training goes on
+        _read_until_step(proc, 25, seen)
+        with serve_mlflow(tmp_path, port) as url:
+            rest, _ = proc.communicate(timeout=300)
+            log = "".join(seen) + rest
+            assert proc.returncode == 0, log[-4000:]
+            client = MlflowClient(url)
+            (run,) = client.search_runs([client.get_experiment_by_name("fitrun-tiny").experiment_id])
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+            assert run.info.status == "FINISHED" and steps == list(range(1, 41)), (run.info.status, steps)
+            assert "adapter" in {f.path for f in client.list_artifacts(run.info.run_id)}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "does not answer" in log and "answers again" in log and "Traceback" not in log
+    assert not (tmp_path / "out" / "mlflow-pending.jsonl").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_records_kept_through_the_end_are_delivered_by_fitrun_sync(root, tmp_path):
+    """The server gone from step 5 to past the end: the run still ends cleanly (exit 0) and says what waits;
+    `fitrun sync OUTPUT_DIR` delivers it once the server is back: every step once, the adapter, FINISHED."""
+    from conftest import serve_mlflow
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "FITRUN_PROGRESS": "0", "FITRUN_STEP_DELAY_S": "0.5", "PYTHONUNBUFFERED": "1"}
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "runner", "train", "jobs/tiny-cpu.yaml", "--set", f"output_dir={out}",
+            "--set", f"tracking.tracking_uri=http://127.0.0.1:{port}", "--set", "training.max_steps=12",
+            "--set", "training.logging_steps=1", "--set", "training.save_steps=null", "--set", "training.eval_steps=null"]
+    seen: list[str] = []
+    with serve_mlflow(tmp_path, port):
+        proc = subprocess.Popen(args, cwd=root, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            _read_until_step(proc, 5, seen)
+        except BaseException:
+            proc.kill()
+            raise
+    rest, _ = proc.communicate(timeout=300)
+    log = "".join(seen) + rest
+    assert proc.returncode == 0, log[-4000:]
+    assert f"`fitrun sync {out}` delivers them" in log and (out / "mlflow-pending.jsonl").exists()
+    sync = [sys.executable, "-m", "runner", "sync", str(out)]
+    away = subprocess.run(sync, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert away.returncode == 1 and "pending (the server" in away.stdout, away.stdout + away.stderr
+    with serve_mlflow(tmp_path, port) as url:
+        done = subprocess.run(sync, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and ", 0 pending" in done.stdout, done.stdout + done.stderr
+        client = MlflowClient(url)
+        (run,) = client.search_runs([client.get_experiment_by_name("fitrun-tiny").experiment_id])
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+        assert run.info.status == "FINISHED" and steps == list(range(1, 13)), (run.info.status, steps)
+        assert "adapter" in {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert not (out / "mlflow-pending.jsonl").exists()

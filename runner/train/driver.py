@@ -18,7 +18,7 @@ from runner.kernels import check_available
 from runner.loading import dump_yaml, flatten, job_from_dict, map_local_paths, redact
 from runner.spec import JobSpec, ResourcesSpec, SpecError, job_card
 from runner.storage import Location, absolute, is_uri
-from runner.tracking import CREDENTIAL_ENV, RunLogger, start_run, tracking_uri, without_credentials
+from runner.tracking import CREDENTIAL_ENV, RunLogger, fail_fast, outbox_path, start_run, tracking_uri, without_credentials
 from runner.train.worker import Probe, train_loop_per_worker
 
 SPEC_FILE = "job.resolved.json"  # the spec a run started with: a resume must match it
@@ -33,6 +33,7 @@ def worker_env() -> dict[str, str]:
             "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
             # On a busy 2-core machine a worker group can take over Ray's default 60 s to start.
             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"],
+            **fail_fast(),  # a tracking server that is away costs a call one retry, not minutes
             # MLflow credentials travel as MLflow's own variables, never inside a URI.
             **{k: os.environ[k] for k in CREDENTIAL_ENV if k in os.environ}}
 
@@ -347,6 +348,24 @@ def log_model(spec: JobSpec, adapter_dir: Path, out: Location, logger: RunLogger
         return None
 
 
+def sync(output_dir: str) -> int:
+    """`fitrun sync OUTPUT_DIR`: deliver what a job kept while its tracking server was away (its outbox), in
+    order. Returns how many records are still pending (0: all delivered)."""
+    out = Path(output_dir)
+    spec_file, run_id_file, outbox = out / SPEC_FILE, out / "mlflow_run_id", outbox_path(str(out))
+    if not (spec_file.is_file() and run_id_file.is_file()):
+        raise SpecError(str(output_dir), [f"no job here: expected {spec_file} and {run_id_file}, as `fitrun train` "
+                                          "writes them into its output_dir"])
+    spec = job_from_dict(json.loads(spec_file.read_text()), str(spec_file))
+    logger = RunLogger(tracking_uri(spec.tracking), run_id_file.read_text().strip(), outbox)
+    before = logger.pending()
+    logger.flush(force=True)
+    left = logger.pending()
+    print(f"MLflow run {logger.run_id}: {before - left} record(s) delivered, {left} pending"
+          + (f" (the server at {redact(logger.uri)} does not answer; run this again later)" if left else ""))
+    return left
+
+
 class ResumeRefused(Exception):
     def __init__(self, changes: list[str], checkpoint: Location):
         self.changes = changes
@@ -360,7 +379,8 @@ def _open_run(spec: JobSpec, out: Location, uri: str, resume_from: Location | No
     """The job's one MLflow run: the existing one when resuming (a run its dead driver left RUNNING is
     marked as recovered), else a new one; a run with nothing to resume from is closed as KILLED."""
     run_id_file = out / "mlflow_run_id"
-    old = RunLogger(uri, run_id_file.read_text().strip()) if run_id_file.exists() else None
+    outbox = outbox_path(str(out))
+    old = RunLogger(uri, run_id_file.read_text().strip(), outbox) if run_id_file.exists() else None
     if old is not None and resume_from:
         if old.status() == "RUNNING":
             old.tags({"fitrun.recovered": "the previous driver died without closing this run; resumed from "
@@ -376,7 +396,7 @@ def _open_run(spec: JobSpec, out: Location, uri: str, resume_from: Location | No
     run_id = start_run(uri, spec.tracking.experiment_name, spec.tracking.run_name or spec.name,
                        params=written.to_dict(), tags={"fitrun.kind": "train"})
     run_id_file.write_text(run_id)
-    logger = RunLogger(uri, run_id)
+    logger = RunLogger(uri, run_id, outbox)
     logger.text(dump_yaml(spec), "job.yaml")
     return logger
 
@@ -387,9 +407,14 @@ def _finish(spec: JobSpec, result, out: Location, logger: RunLogger, predicted: 
     logger.prediction(predicted, summary["peak_gib"])  # the worker's peak: reserved on GPU, tensor bytes on CPU
     with result.checkpoint.as_directory() as final:  # a local copy, also of a checkpoint in an object store
         adapter.upload(Path(final) / "adapter")
-        logger.artifacts(Path(final) / "adapter", "adapter")
-        model_uri = log_model(spec, Path(final) / "adapter", out, logger, summary)
+        # From the output folder when it is local: it outlives this block, should the upload wait for the server.
+        logger.artifacts(str(adapter) if not is_uri(str(out)) else Path(final) / "adapter", "adapter")
+        model_uri = log_model(spec, Path(final) / "adapter", out, logger, summary) if logger.flush() else None
     logger.end(ok=True)
+    if pending := logger.pending():
+        print(f"warning: MLflow at {redact(logger.uri)} still does not answer: {pending} record(s) of this run (its "
+              f"last steps, adapter and end) wait in {logger.outbox.path}; `fitrun sync {out}` delivers them. The "
+              "adapter's MLflow model was not logged.", flush=True)
     print(f"MLflow: {logger.runs_link()}", flush=True)
     if model_uri:
         summary["mlflow_model_uri"] = model_uri

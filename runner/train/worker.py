@@ -20,7 +20,7 @@ from runner.memory import PeakMemory, ProcessMemory, cap_gpu_memory
 from runner.model import Trainable, build_tokenizer, build_trainable
 from runner.parallel import distribute, gradient_sync, local_value
 from runner.spec import JobSpec
-from runner.tracking import RunLogger
+from runner.tracking import RunLogger, outbox_path
 from runner.train.console import Console, format_step
 from runner.train.state import load_state, numeric, report
 
@@ -129,7 +129,8 @@ def setup(spec: JobSpec, probe: Probe | None, tracking_uri: str | None, run_id: 
     params = [p for p in trainable.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=device.type == "cuda")
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=max_steps)
-    logger = RunLogger(tracking_uri, run_id) if rank == 0 and run_id else None
+    logger = RunLogger(tracking_uri, run_id, outbox_path(spec.output_dir) if probe is None else None) \
+        if rank == 0 and run_id else None
     # float16 (cards without bf16: T4, V100) overflows and underflows where bf16 does not: scale the loss.
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and spec.compute_dtype == "float16" else None
     run = Run(spec, probe, device, rank, world_size, data, batches, tok.pad_token_id, trainable, net, optimizer,
@@ -232,7 +233,7 @@ def _check_run_open(run: Run) -> None:
     if run.logger is None or run.probe:
         return
     status = run.logger.status()
-    if status != "RUNNING":
+    if status not in ("RUNNING", "UNKNOWN"):  # UNKNOWN: the tracking server is away; training goes on
         raise RuntimeError(f"MLflow run {run.logger.run_id} is {status}: its driver is gone; this worker stops")
 
 
@@ -260,9 +261,12 @@ def _accumulate(totals: dict[str, float], metrics: dict[str, float], measured: b
 
 
 def _fault_injection(step: int) -> None:
-    """FITRUN_CRASH_AFTER_STEP=N raises after step N: the resume tests' simulated crash."""
+    """FITRUN_CRASH_AFTER_STEP=N raises after step N: the resume tests' simulated crash. FITRUN_STEP_DELAY_S
+    slows each step, so a test can act (stop a server, kill a node) between known steps."""
     if os.environ.get("FITRUN_CRASH_AFTER_STEP") == str(step):
         raise RuntimeError(f"FITRUN_CRASH_AFTER_STEP={step}: simulated crash")
+    if delay := float(os.environ.get("FITRUN_STEP_DELAY_S", "0")):
+        time.sleep(delay)
 
 
 def summarise(run: Run, totals: dict[str, float], last: dict[str, float], oom: str | None) -> dict[str, Any]:
