@@ -90,6 +90,39 @@ def _read_until_step(proc, step: int, seen: list[str], timeout_s: float = 300) -
     raise AssertionError(f"no step {step} within {timeout_s} s")
 
 
+def _job_until_outage(root, tmp_path, steps: int, save_steps: str, stop_at: int, delay_s: float):
+    """The tiny job against a real `mlflow server` (this folder's store, a fixed port), the server stopped once
+    the job prints step `stop_at`: (the running job, its output so far, the env, the port)."""
+    from conftest import serve_mlflow
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "FITRUN_PROGRESS": "0", "FITRUN_STEP_DELAY_S": str(delay_s), "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "runner", "train", "jobs/tiny-cpu.yaml", "--set", f"output_dir={tmp_path}/out",
+            "--set", f"tracking.tracking_uri=http://127.0.0.1:{port}", "--set", f"training.max_steps={steps}",
+            "--set", "training.logging_steps=1", "--set", f"training.save_steps={save_steps}",
+            "--set", "training.eval_steps=null"]
+    seen: list[str] = []
+    with serve_mlflow(tmp_path, port):
+        proc = subprocess.Popen(args, cwd=root, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            _read_until_step(proc, stop_at, seen)
+        except BaseException:
+            proc.kill()
+            raise
+    return proc, seen, env, port
+
+
+def _the_run(url: str, steps: int) -> None:
+    """One FINISHED run with every step's loss once, and the adapter."""
+    client = MlflowClient(url)
+    (run,) = client.search_runs([client.get_experiment_by_name("fitrun-tiny").experiment_id])
+    logged = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert run.info.status == "FINISHED" and logged == list(range(1, steps + 1)), (run.info.status, logged)
+    assert "adapter" in {f.path for f in client.list_artifacts(run.info.run_id)}
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_tracking_outage_never_stops_training(root, tmp_path):
@@ -98,32 +131,14 @@ def test_a_tracking_outage_never_stops_training(root, tmp_path):
     went away and that the waiting records were delivered."""
     from conftest import serve_mlflow
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "FITRUN_PROGRESS": "0", "FITRUN_STEP_DELAY_S": "1.0", "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, "-m", "runner", "train", "jobs/tiny-cpu.yaml", "--set", f"output_dir={tmp_path}/out",
-            "--set", f"tracking.tracking_uri=http://127.0.0.1:{port}", "--set", "training.max_steps=40",
-            "--set", "training.logging_steps=1", "--set", "training.save_steps=20", "--set", "training.eval_steps=null"]
-    seen: list[str] = []
-    with serve_mlflow(tmp_path, port):
-        proc = subprocess.Popen(args, cwd=root, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            _read_until_step(proc, 10, seen)
-        except BaseException:
-            proc.kill()
-            raise
+    proc, seen, _, port = _job_until_outage(root, tmp_path, steps=40, save_steps="20", stop_at=10, delay_s=1.5)
     try:  # the server is gone: training goes on
         _read_until_step(proc, 25, seen)
         with serve_mlflow(tmp_path, port) as url:
             rest, _ = proc.communicate(timeout=300)
             log = "".join(seen) + rest
             assert proc.returncode == 0, log[-4000:]
-            client = MlflowClient(url)
-            (run,) = client.search_runs([client.get_experiment_by_name("fitrun-tiny").experiment_id])
-            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
-            assert run.info.status == "FINISHED" and steps == list(range(1, 41)), (run.info.status, steps)
-            assert "adapter" in {f.path for f in client.list_artifacts(run.info.run_id)}
+            _the_run(url, 40)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -138,22 +153,8 @@ def test_records_kept_through_the_end_are_delivered_by_fitrun_sync(root, tmp_pat
     `fitrun sync OUTPUT_DIR` delivers it once the server is back: every step once, the adapter, FINISHED."""
     from conftest import serve_mlflow
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "FITRUN_PROGRESS": "0", "FITRUN_STEP_DELAY_S": "0.5", "PYTHONUNBUFFERED": "1"}
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "runner", "train", "jobs/tiny-cpu.yaml", "--set", f"output_dir={out}",
-            "--set", f"tracking.tracking_uri=http://127.0.0.1:{port}", "--set", "training.max_steps=12",
-            "--set", "training.logging_steps=1", "--set", "training.save_steps=null", "--set", "training.eval_steps=null"]
-    seen: list[str] = []
-    with serve_mlflow(tmp_path, port):
-        proc = subprocess.Popen(args, cwd=root, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            _read_until_step(proc, 5, seen)
-        except BaseException:
-            proc.kill()
-            raise
+    proc, seen, env, port = _job_until_outage(root, tmp_path, steps=12, save_steps="null", stop_at=5, delay_s=0.5)
     rest, _ = proc.communicate(timeout=300)
     log = "".join(seen) + rest
     assert proc.returncode == 0, log[-4000:]
@@ -164,9 +165,5 @@ def test_records_kept_through_the_end_are_delivered_by_fitrun_sync(root, tmp_pat
     with serve_mlflow(tmp_path, port) as url:
         done = subprocess.run(sync, cwd=root, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0 and ", 0 pending" in done.stdout, done.stdout + done.stderr
-        client = MlflowClient(url)
-        (run,) = client.search_runs([client.get_experiment_by_name("fitrun-tiny").experiment_id])
-        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
-        assert run.info.status == "FINISHED" and steps == list(range(1, 13)), (run.info.status, steps)
-        assert "adapter" in {f.path for f in client.list_artifacts(run.info.run_id)}
+        _the_run(url, 12)
     assert not (out / "mlflow-pending.jsonl").exists()

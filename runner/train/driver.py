@@ -292,19 +292,7 @@ def run_train(spec: JobSpec, resume: bool = True, allow_changes: bool = False) -
     check_cluster_resources(spec)  # before any MLflow run exists: a request no node meets would wait forever
     check_cluster_storage(spec, uri)
     logger = _open_run(spec, out, uri, resume_from, changes, written)
-    predicted = _predicted_peak(spec)
-    logger.prediction(predicted, None)
-    cap = allocator_cap_gib(spec.resources) if spec.resources.use_gpu else None
-    card, catalogue = job_card(spec)
-    fit = fit_on(card, catalogue, predicted, spec.compute_dtype, spec.model.quantization) \
-        if predicted is not None and card is not None else None
-    if fit:
-        logger.metrics({"predicted_device_gib": fit.device_gib})
-        print(f"estimate: {fit.line()}", flush=True)
-    if predicted is not None and cap and predicted > cap:
-        worst = " on its longest batches (unpacked data is estimated at full sequence_len)" if not spec.data.packing else ""
-        print(f"warning: the memory estimate is {predicted:.1f} GiB, over the allocator cap of {cap:.2f} GiB: this job is "
-              f"likely to run out of memory{worst}; `fitrun tune` finds a configuration that fits", flush=True)
+    predicted, fit = _estimate_said(spec, logger)
     print(f"MLflow run {logger.run_id} ({redact(uri)}); output {out}", flush=True)
     if resume_from:
         print(f"resuming from {resume_from}", flush=True)
@@ -325,6 +313,25 @@ def run_train(spec: JobSpec, resume: bool = True, allow_changes: bool = False) -
     summary.update(predicted_peak_gib=predicted, **({"predicted_device_gib": fit.device_gib, "gpu": fit.card,
                                                      "card_total_gib": fit.total_gib} if fit else {}))
     return summary
+
+
+def _estimate_said(spec: JobSpec, logger: RunLogger):
+    """The memory estimate before the run: logged to MLflow, said against the job's card (whole process),
+    and a warning when it is over the allocator cap. Returns (predicted allocator peak GiB, the card's Fit)."""
+    predicted = _predicted_peak(spec)
+    logger.prediction(predicted, None)
+    cap = allocator_cap_gib(spec.resources) if spec.resources.use_gpu else None
+    card, catalogue = job_card(spec)
+    fit = fit_on(card, catalogue, predicted, spec.compute_dtype, spec.model.quantization) \
+        if predicted is not None and card is not None else None
+    if fit:
+        logger.metrics({"predicted_device_gib": fit.device_gib})
+        print(f"estimate: {fit.line()}", flush=True)
+    if predicted is not None and cap and predicted > cap:
+        worst = " on its longest batches (unpacked data is estimated at full sequence_len)" if not spec.data.packing else ""
+        print(f"warning: the memory estimate is {predicted:.1f} GiB, over the allocator cap of {cap:.2f} GiB: this job is "
+              f"likely to run out of memory{worst}; `fitrun tune` finds a configuration that fits", flush=True)
+    return predicted, fit
 
 
 def log_model(spec: JobSpec, adapter_dir: Path, out: Location, logger: RunLogger, measured: dict[str, Any],
