@@ -24,6 +24,8 @@ def preflight(spec: JobSpec, source: str = "job", here: bool = True) -> None:
     """Every check at once. `here`: the job runs from this machine (train, tune, validate), so its tracking
     server must answer from here; a submitted job reaches it from the cluster."""
     problems = check_data(spec) + check_model(spec) + check_resources(spec) + check_output(spec)
+    if not problems:  # data and tokenizer readable: a sample can be tokenized
+        problems += _check_short_sequences(spec)
     if here:
         problems += check_tracking(spec)
     if problems:
@@ -189,6 +191,34 @@ def check_model(spec: JobSpec) -> list[str]:
     return _check_architecture(spec)
 
 
+SHORT_SEQUENCE = 512  # below it, a chat template's own tokens can fill a whole sequence
+
+
+def _check_short_sequences(spec: JobSpec) -> list[str]:
+    """A short sequence_len can leave no row a trainable token (the template and the prompt fill it): tokenize a
+    sample of the data with the job's tokenizer and template, as the worker will, and say so before Ray starts."""
+    d = spec.data
+    if d.sequence_len >= SHORT_SEQUENCE or not Path(d.path).expanduser().exists():
+        return []
+    import datasets
+
+    from runner.data import tokenize
+    from runner.model import build_tokenizer
+
+    sample = d.model_copy(update={"max_rows": 64, "val_fraction": 0.0, "packing": False})
+    datasets.disable_progress_bars()  # a sample: no "tokenize" bar in validate's output
+    try:
+        tokenize(sample, build_tokenizer(spec.tokenizer, spec.model))
+    except ValueError as e:
+        if "no training rows left" not in str(e):
+            return []  # what else a sample can meet, the worker says in full
+        return [f"data.sequence_len: {d.sequence_len} tokens leave none of the first 64 rows a trainable (assistant) "
+                "token: the chat template and the prompt fill the whole sequence; raise data.sequence_len"]
+    finally:
+        datasets.enable_progress_bars()
+    return []
+
+
 def _check_source(field: str, value: str, marker: str, has_fallback: bool, weights: bool) -> list[str]:
     path = Path(value).expanduser()
     if path.exists():
@@ -217,6 +247,11 @@ def _check_architecture(spec: JobSpec) -> list[str]:
     except Exception as e:
         return [f"model.name_or_path: cannot read the model's config ({type(e).__name__}: {str(e)[:160]})"]
     problems = layer_range_problems(spec.activation_checkpointing, config.num_hidden_layers)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and spec.data.sequence_len > positions:
+        problems.append(f"data.sequence_len: {spec.data.sequence_len} is longer than the {positions} positions this model "
+                        "was built for (config max_position_embeddings); lower it, or use a model (or rope_scaling "
+                        "in its config) made for that length")
     targets = spec.lora.target_modules
     if targets != "all-linear":
         with torch.device("meta"):

@@ -223,7 +223,8 @@ class TrainingSpec(_Strict):
     """Sequences per forward/backward on one worker."""
     gradient_accumulation_steps: int = Field(1, gt=0)
     """Micro-batches per optimizer step; global batch = micro × accum × workers."""
-    learning_rate: float = Field(2e-4, gt=0)
+    learning_rate: float = Field(2e-4, gt=0, le=10)
+    """Peak learning rate (AdamW). Above 10 it overflows the update in float32: no job means that."""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     max_steps: int | None = Field(None, gt=0)

@@ -85,3 +85,45 @@ def test_a_mutated_space_is_refused_cleanly_or_accepted(root, tmp_path_factory, 
     path = tmp_path_factory.mktemp("space") / "space.yaml"
     path.write_text(yaml.safe_dump(raw))
     _check(capsys, ["validate", JOB, "--space", str(path)])
+
+
+TRAIN_FIELDS = ["lora.r", "lora.lora_alpha", "lora.lora_dropout", "lora.target_modules", "lora.adapter_dtype",
+                "training.micro_batch_size", "training.gradient_accumulation_steps", "training.learning_rate",
+                "training.max_grad_norm", "training.loss", "data.sequence_len", "data.packing", "data.max_rows",
+                "model.dtype", "model.attn_implementation", "activation_checkpointing.count",
+                "activation_checkpointing.layers", "activation_checkpointing.placement", "activation_checkpointing.policy"]
+
+
+@settings(max_examples=max(4, EXAMPLES // 6), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(TRAIN_FIELDS), value=VALUES)
+def test_an_accepted_job_trains_what_was_asked(root, monkeypatch, capsys, field, value):
+    """What validate accepts also trains: one optimizer step of the worker's own `train_step`, in this process,
+    with the asked rank and the asked checkpointed layers, and a finite loss."""
+    import torch
+
+    from runner.data import MicroBatches, tokenize
+    from runner.loading import load_job
+    from runner.model import build_tokenizer, build_trainable
+    from runner.recompute import resolve_layers
+    from runner.train.worker import train_step
+
+    monkeypatch.chdir(root)
+    override = f"{field}={_yaml(value)}"
+    if _check(capsys, ["validate", JOB, "--set", override]) != 0:
+        return
+    spec = load_job(JOB, [override])
+    t = spec.training
+    tok = build_tokenizer(spec.tokenizer, spec.model)
+    try:
+        data = tokenize(spec.data, tok)
+    finally:
+        capsys.readouterr()  # the tokenizer's progress bar: not the next example's validate output
+    pad_to = None if spec.data.packing else spec.data.sequence_len
+    batches = MicroBatches(data.train, t.micro_batch_size, tok.pad_token_id, 0, pad_to=pad_to)
+    trainable = build_trainable(spec, torch.device("cpu"), len(tok))
+    assert trainable.model.peft_config["default"].r == spec.lora.r
+    assert trainable.layers == resolve_layers(spec.activation_checkpointing, trainable.num_layers)
+    opt = torch.optim.AdamW([p for p in trainable.model.parameters() if p.requires_grad], lr=t.learning_rate)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    metrics = train_step(trainable.net, trainable.model, batches, opt, sched, t, torch.device("cpu"), 1)
+    assert math.isfinite(metrics["loss"]), (override, metrics)
