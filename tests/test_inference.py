@@ -138,3 +138,27 @@ def test_a_big_random_base_is_not_logged_as_a_model(root, monkeypatch, capsys):
     spec = load_job("jobs/llama3-8b-lora.yaml", ["model.init=random"])
     ref = base_reference(spec, None)
     assert ref.path is None and "random-init dry run (8.0B parameters)" in ref.why_not
+
+
+def test_an_adapter_trained_on_a_quantized_base_generates_and_exports_on_the_full_base(output_dir, tmp_path, capsys):
+    """An nf4-trained job's output (a GPU job): `generate` and `export` load the unquantized base and put the plain
+    PEFT adapter on it, here on the CPU; export says what it merged into."""
+    from runner.inference.export import export_merged
+    from runner.inference.generate import generate
+    from runner.train.driver import SPEC_FILE
+
+    out, model, tok, spec = output_dir
+    quantized = spec.model_copy(update={"model": spec.model.model_copy(update={"quantization": "nf4"}),
+                                        "resources": spec.resources.model_copy(update={"use_gpu": True})})
+    (out / SPEC_FILE).write_text(json.dumps(quantized.to_dict()))
+    model.eval()
+    ids = torch.tensor([tok("hello").input_ids])
+    assert generate(str(out), "Say hi", max_new_tokens=4, stream=False) == \
+        generate(str(out), "Say hi", max_new_tokens=4, stream=False)  # deterministic, and it runs
+    export_merged(str(out), str(tmp_path / "merged"))
+    assert "trained on a nf4 base, merged into the unquantized" in capsys.readouterr().out
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").float()
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, model(ids).logits, atol=5e-2)
