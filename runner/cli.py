@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("validate", "train", "tune", "submit"):
             from runner.preflight import preflight  # (imports datasets: not needed by estimate)
 
-            preflight(job, args.job, here=args.command != "submit")  # data, model, Ray, output, tracking: before Ray
+            preflight(job, args.job, args.command)  # data, model, Ray, output, tracking: before Ray
             for note in job.ineffective_settings():
                 print(f"warning: {note}", file=sys.stderr)
         return COMMANDS[args.command](args, job, space)

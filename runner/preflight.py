@@ -20,14 +20,21 @@ from runner.spec import JobSpec, SpecError, layer_range_problems
 from runner.storage import Location, is_uri
 
 
-def preflight(spec: JobSpec, source: str = "job", here: bool = True) -> None:
-    """Every check at once. `here`: the job runs from this machine (train, tune, validate), so its tracking
-    server must answer from here; a submitted job reaches it from the cluster."""
+def preflight(spec: JobSpec, source: str = "job", command: str = "train") -> None:
+    """Every check at once, for `command`. Its tracking server must answer from here unless the job is submitted
+    (it then reaches it from the cluster). A job with no Ray address runs on this machine: train and tune refuse
+    what this machine cannot give it; validate says so as a warning (the file may be meant for a cluster)."""
     problems = check_data(spec) + check_model(spec) + check_resources(spec) + check_output(spec)
     if not problems:  # data and tokenizer readable: a sample can be tokenized
         problems += _check_short_sequences(spec)
-    if here:
+    if command != "submit":
         problems += check_tracking(spec)
+    if command != "submit" and not (spec.resources.address or os.environ.get("RAY_ADDRESS")):
+        machine = _check_this_machine(spec)
+        if command in ("train", "tune"):
+            problems += machine
+        for note in machine if command == "validate" else []:
+            print(f"warning: {note}; `fitrun train` here refuses it", file=sys.stderr)
     if problems:
         raise SpecError(source, problems)
 
@@ -291,6 +298,28 @@ def check_resources(spec: JobSpec) -> list[str]:
         return [f"resources.address: nothing answers at {parsed.hostname}:{parsed.port} ({e.strerror or e}); "
                 "is the Ray head running (`ray start --head`)?"]
     return []
+
+
+def _check_this_machine(spec: JobSpec) -> list[str]:
+    """A job with no address runs on a Ray of its own on this machine: its CPUs and GPUs are all there is (the
+    same rule `train.driver.check_cluster_resources` applies to a cluster's nodes, once Ray runs)."""
+    res, problems = spec.resources, []
+    cpus = os.cpu_count() or 1
+    if res.cpus_per_worker * res.num_workers > cpus:
+        problems.append(f"resources: {res.num_workers} worker(s) x {res.cpus_per_worker:g} CPU, but this machine has "
+                        f"{cpus} CPU (a job with no resources.address runs here); lower resources.cpus_per_worker or "
+                        "resources.num_workers, or give a cluster's address")
+    if res.use_gpu:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus == 0:
+            problems.append("resources.use_gpu: true, but this machine has no CUDA GPU (a job with no "
+                            "resources.address runs here): set resources.use_gpu: false to train on the CPU")
+        elif res.gpus_per_worker * res.num_workers > gpus:
+            problems.append(f"resources: {res.num_workers} worker(s) x {res.gpus_per_worker:g} GPU, but this machine "
+                            f"has {gpus} GPU(s)")
+    return problems
 
 
 def check_tracking(spec: JobSpec) -> list[str]:

@@ -3,6 +3,7 @@
 traceback; or it is valid, and then the worker's own data and model path takes a real training step."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -182,3 +183,24 @@ def test_unreachable_dashboard_is_a_clean_error(root, monkeypatch, capsys, tmp_p
                  "search_spaces/tiny-cpu.yaml", "--address", nowhere]) == 2
     err = capsys.readouterr().err
     assert err.count("no Ray dashboard answers there") == 3 and "Traceback" not in err
+
+
+def test_a_local_job_this_machine_cannot_run_is_refused_by_train_and_said_by_validate(root, monkeypatch, capsys):
+    """Issue 27: no address means this machine. `train` refuses (exit 2, before Ray) more CPUs than it has, or a
+    GPU it lacks; `validate` warns and accepts (the file may be meant for a cluster)."""
+    from runner.cli import main
+    from runner.preflight import preflight
+
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    too_many = ["--set", f"resources.cpus_per_worker={(os.cpu_count() or 1) + 1}"]
+    assert main(["validate", "jobs/tiny-cpu.yaml", *too_many]) == 0
+    assert "warning: resources: 1 worker(s)" in capsys.readouterr().err
+    from runner.loading import load_job
+    from runner.spec import SpecError
+
+    with pytest.raises(SpecError, match="but this machine has"):
+        preflight(load_job("jobs/tiny-cpu.yaml", [too_many[1]]), command="train")
+    if not torch.cuda.is_available():
+        with pytest.raises(SpecError, match="this machine has no CUDA GPU"):
+            preflight(load_job("jobs/tiny-cpu.yaml", ["resources.use_gpu=true"]), command="tune")
