@@ -10,7 +10,7 @@ import os
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from runner.cli import main
@@ -110,7 +110,9 @@ def test_an_accepted_job_trains_what_was_asked(root, monkeypatch, capsys, field,
     monkeypatch.chdir(root)
     override = f"{field}={_yaml(value)}"
     if _check(capsys, ["validate", JOB, "--set", override]) != 0:
+        event("refused")
         return
+    event("accepted, trained one step")
     spec = load_job(JOB, [override])
     t = spec.training
     tok = build_tokenizer(spec.tokenizer, spec.model)
