@@ -330,6 +330,10 @@ def check_tracking(spec: JobSpec) -> list[str]:
     from runner.tracking import split_credentials
 
     uri = spec.tracking.tracking_uri or ""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///")).expanduser()
+        problem = _unwritable(db.parent)
+        return [f"tracking.tracking_uri: the SQLite store {str(db)!r} cannot be written ({problem})"] if problem else []
     if not uri.startswith(("http://", "https://")):
         return []
     base = split_credentials(uri)[0].rstrip("/")
@@ -348,7 +352,13 @@ def check_output(spec: JobSpec) -> list[str]:
     if is_uri(spec.output_dir):
         return _check_output_uri(spec.resolved_output_dir())
     out = Path(spec.resolved_output_dir()).expanduser()
-    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    problem = _unwritable(out)
+    return [f"output_dir: {str(out)!r} cannot be written ({problem}); choose a writable directory"] if problem else []
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why `folder` (or the nearest folder above it that exists, where it would be made) cannot take a file."""
+    existing = next(p for p in [folder, *folder.absolute().parents] if p.exists())
     try:  # a real write: permission bits say little to root or on read-only and virtual filesystems
         if not existing.is_dir():
             raise NotADirectoryError(existing)
@@ -356,9 +366,8 @@ def check_output(spec: JobSpec) -> list[str]:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        return [f"output_dir: {str(out)!r} cannot be written ({existing}: {e.strerror or type(e).__name__}); "
-                "choose a writable directory"]
-    return []
+        return f"{existing}: {e.strerror or type(e).__name__}"
+    return None
 
 
 def _check_output_uri(uri: str) -> list[str]:

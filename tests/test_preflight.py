@@ -74,6 +74,8 @@ CASES = [
     ("address-dashboard", {}, ["resources.address=http://127.0.0.1:8265"], "fitrun submit"),
     ("address-garbage", {}, ["resources.address=foo"], "resources.address"),
     ("tracking-server-away", {}, ["tracking.tracking_uri=http://127.0.0.1:1"], "tracking.tracking_uri: nothing answers"),
+    ("tracking-sqlite-unwritable", {}, ["tracking.tracking_uri=sqlite:////proc/fitrun/mlflow.db"],
+     "the SQLite store '/proc/fitrun/mlflow.db' cannot be written"),
     ("output-unwritable", {}, ["output_dir=/proc/fitrun-out"], "output_dir"),
     ("output-object-store", {}, ["output_dir=s3://bucket/out"], "output_dir"),
     ("tokenizer-missing", {}, ["tokenizer.name_or_path={d}/no-tokenizer"], "tokenizer.name_or_path"),
