@@ -259,6 +259,12 @@ def _check_architecture(spec: JobSpec) -> list[str]:
         problems.append(f"data.sequence_len: {spec.data.sequence_len} is longer than the {positions} positions this model "
                         "was built for (config max_position_embeddings); lower it, or use a model (or rope_scaling "
                         "in its config) made for that length")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    narrowest = min(config.hidden_size, kv_heads * head_dim)  # k_proj and v_proj's outputs
+    if spec.lora.r > narrowest:
+        problems.append(f"lora.r: {spec.lora.r} is wider than the narrowest adapted layer ({narrowest}): a rank above "
+                        "a layer's width adds memory and nothing else; use a rank up to it")
     targets = spec.lora.target_modules
     if targets != "all-linear":
         with torch.device("meta"):

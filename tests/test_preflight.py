@@ -60,6 +60,7 @@ CASES = [
     ("negative-rank", {}, ["lora.r=-4"], "lora.r"),
     ("unknown-target", {}, ["lora.target_modules=[q_proj,qkv]"], "lora.target_modules"),
     ("lm-head-target", {}, ["lora.target_modules=[lm_head]"], "lie outside the decoder layers"),
+    ("rank-wider-than-layers", {}, ["lora.r=100000"], "wider than the narrowest adapted layer"),
     ("sequence-len-too-short", {}, ["data.sequence_len=4"], "leave none of the first 64 rows"),
     ("sequence-len-over-positions", {}, ["data.sequence_len=8192"], "positions this model was built for"),
     ("learning-rate-absurd", {}, ["training.learning_rate=1e30"], "training.learning_rate"),
