@@ -40,14 +40,14 @@ class BaseReference:
         return self.path or "the Hugging Face Hub"
 
 
-def base_reference(spec: JobSpec, out: Path | None) -> BaseReference:
+def base_reference(spec: JobSpec, out: Path | None, tok=None) -> BaseReference:
     """The base the logged model names: a random-init base that is small is saved to `out/base` (its weights
     are reproducible from the job's seed, and loading needs them); a big one is not (a dry run's random 8B is
     no model anyone loads). A local folder is named as is; a hub id by the hub, or by its folder in the local
     Hugging Face cache where the hub is unreachable."""
     m = spec.model
     if m.init == "random":
-        tok = build_tokenizer(spec.tokenizer, m)
+        tok = tok or build_tokenizer(spec.tokenizer, m)
         meta = build_base(m.model_copy(update={"quantization": "none"}), torch.device("meta"), len(tok))
         n = sum(p.numel() for p in meta.parameters())
         if n > SMALL_RANDOM_BASE:
@@ -122,13 +122,13 @@ def log_adapter_model(spec: JobSpec, adapter_dir: Path, out: Path | None, uri: s
 
     from runner.data import content_digest
 
-    ref = base_reference(spec, out)
+    tok = build_tokenizer(spec.tokenizer, spec.model)
+    ref = base_reference(spec, out, tok)
     if ref.why_not:
         print(f"MLflow model: not logged ({ref.why_not})", flush=True)
         if register:
             raise ValueError(f"--register {register}: {ref.why_not}")
         return None
-    tok = build_tokenizer(spec.tokenizer, spec.model)
     model = _adapter_on_meta_base(spec, Path(adapter_dir), tok)
     pipe = pipeline("text-generation", model=model, tokenizer=tok, device=torch.device("meta"))
     quantized = spec.model.quantization

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from runner.loading import flatten, redact
 from runner.spec import TrackingSpec
+from runner.storage import is_uri
 
 PARAM_MAX_CHARS = 6000
 
@@ -186,7 +187,7 @@ def unreachable(e: BaseException) -> bool:
 
 def outbox_path(output_dir: str) -> Path | None:
     """Where a job keeps what its tracking server could not take: in its output folder, when that is local."""
-    return None if "://" in str(output_dir) else Path(output_dir) / OUTBOX_FILE
+    return None if is_uri(str(output_dir)) else Path(output_dir) / OUTBOX_FILE
 
 
 class Outbox:
@@ -197,6 +198,7 @@ class Outbox:
         self.path = Path(path)
         self.lock = FileLock(str(self.path) + ".lock")
         self.dropped = 0
+        self._count: int | None = None  # lines in the file, counted once: `add` runs every step of an outage
 
     def entries(self) -> list[dict]:
         if not self.path.exists():
@@ -209,12 +211,17 @@ class Outbox:
         import json
 
         with self.lock:
-            if entry["kind"] == "metrics" and self.path.exists() and \
-                    sum(1 for _ in self.path.open()) >= OUTBOX_MAX_ENTRIES:
+            if self._count is None:
+                self._count = sum(1 for _ in self.path.open()) if self.path.exists() else 0
+            if entry["kind"] == "metrics" and self._count >= OUTBOX_MAX_ENTRIES:
+                if not self.dropped:
+                    print(f"warning: {self.path} holds {OUTBOX_MAX_ENTRIES:,} records: step metrics from here on are "
+                          "dropped until MLflow answers", flush=True)
                 self.dropped += 1
                 return
             with self.path.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
+            self._count += 1
 
     def rewrite(self, entries: list[dict]) -> None:
         import json
@@ -225,6 +232,7 @@ class Outbox:
             tmp.replace(self.path)
         else:
             self.path.unlink(missing_ok=True)
+        self._count = len(entries)
 
 
 class RunLogger:
