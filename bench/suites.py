@@ -22,6 +22,19 @@ def _card_arm(card: str, key: str) -> Arm:
                note=f"`resources.gpu: {card}`: allocator capped at the {card}'s budget on a bigger card")
 
 
+def _random_arms() -> list[Arm]:
+    """Issue 26: the lever combinations drawn by bench/estimate_random.py (seed and estimates in its file)."""
+    from estimate_random import DRAW, JOB, overrides
+
+    if not DRAW.exists():
+        return []
+    import json
+
+    return [Arm(name=d["name"], kind="fitrun", job=JOB, sets=tuple(overrides(d["levers"])),
+                note=" ".join(f"{k.split('.')[-1]}={v}" for k, v in d["levers"].items() if k != "lora.lora_alpha"))
+            for d in json.loads(DRAW.read_text())["draw"]]
+
+
 def _l4_budget_gib() -> float:
     from runner.cards import allocator_budget_gib
 
@@ -44,6 +57,9 @@ SUITES = {
     # Issue 23: each shipped card job trains 20 steps (eval and a save inside) under its card's emulated
     # budget; fits = the whole process (NVML) within the card's driver-reported total.
     "cards": [_card_arm(card, key) for card, key in CARD_JOBS.items()],
+    # Issue 26: estimate vs measured peak reserved on random valid lever combinations, 3 steps each (memory
+    # only: arms may share the card).
+    "estimate-random": _random_arms(),
     # Issue 22: behaviour unchanged by the restructure. `.before/` holds `git archive` of the commit before
     # it (0969317), carried to the device untracked; the same job file, 10 steps, one arm at a time.
     "structure": [
