@@ -1,12 +1,20 @@
 """Training state: save and load a resumable checkpoint, and report it to Ray Train.
 
-A checkpoint directory holds the adapter (PEFT format), optimizer + scheduler + RNG, and
-`state.json` (step, data position). The final report of every run carries a checkpoint, so the
-driver reads the worker's summary from Ray's `Result.metrics`.
+A checkpoint directory holds the adapter (PEFT format), optimizer + scheduler + RNG, `state.json`
+(step, data position) and, written last, `manifest.json` (every other file's size and SHA-256). The
+final report of every run carries a checkpoint, so the driver reads the worker's summary from Ray's
+`Result.metrics`.
+
+Storage faults: rank 0 copies a checkpoint to the run's storage itself before reporting it, so a copy
+that fails (a full disk, an object store that errs) is removed, said, and never registered: the
+previous checkpoint stays the latest, and training goes on (the final checkpoint failing fails the
+run). A checkpoint torn after it was registered (a kill mid-write on shared storage, a truncated
+file) fails its manifest on resume, and the newest intact one before it is used instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -16,6 +24,50 @@ import torch
 from runner.parallel import load_optimizer_state, load_trainable_state, optimizer_state, trainable_state
 
 STATE_FILE = "state.json"
+MANIFEST = "manifest.json"
+
+
+class CheckpointWriteError(RuntimeError):
+    """The run's final checkpoint could not be written to its storage."""
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Every file's size and SHA-256, written last (atomically): a checkpoint without it is incomplete."""
+    files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _digest(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    tmp.rename(directory / MANIFEST)
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why the checkpoint in `directory` cannot be trusted (missing manifest, a file missing, short or
+    changed), or None when every file matches its manifest."""
+    directory = Path(directory)
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return f"no {MANIFEST} (its write did not finish)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return f"{MANIFEST} unreadable ({e})"
+    for name, want in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} missing"
+        if (size := path.stat().st_size) != want["bytes"]:
+            return f"{name} has {size:,} bytes, its manifest says {want['bytes']:,}"
+        if _digest(path) != want["sha256"]:
+            return f"{name} differs from its manifest's SHA-256"
+    return None
 
 
 def gather_state(state: dict) -> dict:
@@ -32,6 +84,7 @@ def save_state(directory: Path, gathered: dict, step: int) -> None:
     torch.save({"trainable": gathered["trainable"], "optimizer": gathered["optimizer"],
                 "scheduler": gathered["scheduler"], "rng": torch.get_rng_state()}, directory / "trainer_state.pt")
     (directory / STATE_FILE).write_text(json.dumps({"step": step, "data_position": gathered["data_position"]}))
+    write_manifest(directory)
 
 
 def load_state(directory, model, optimizer, scheduler, device) -> dict:
@@ -58,11 +111,15 @@ def numeric(d: dict) -> dict[str, float]:
     return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not k.startswith("_")}
 
 
-def report(metrics: dict, rank: int, step: int, final: bool = False, state: dict | None = None) -> None:
+def report(metrics: dict, rank: int, step: int, final: bool = False, state: dict | None = None,
+           say=print) -> str | None:
     """`ray.train.report` is a barrier: every rank calls it; rank 0 attaches a checkpoint.
 
-    `state` = {"model", "optimizer", "scheduler", "data_position"} saves a resumable checkpoint;
-    without it (a probe's final report) the checkpoint is empty and only carries the metrics.
+    `state` = {"model", "optimizer", "scheduler", "data_position"} saves a resumable checkpoint (rank 0
+    copies it to the run's storage itself: `persist`); without it (a probe's final report) the
+    checkpoint is empty and only carries the metrics. Returns None, or why the checkpoint was not
+    written: a save that failed is said (`say`) and reported without one, the previous checkpoint staying
+    the latest; the final one failing raises `CheckpointWriteError` (the run has nothing to end with).
     """
     import ray.train
 
@@ -70,9 +127,85 @@ def report(metrics: dict, rank: int, step: int, final: bool = False, state: dict
     gathered = gather_state(state) if state is not None else None  # every rank: a collective under FSDP
     if rank != 0:
         ray.train.report(metrics)
-        return
+        return None
+    name = f"checkpoint_{step:06d}"
     with tempfile.TemporaryDirectory() as tmp:
-        if gathered is not None:
+        if gathered is None:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+            return None
+        try:
             save_state(Path(tmp), gathered, step)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_{step:06d}")
+            checkpoint = persist(Path(tmp), name)
+        except OSError as e:
+            where = _storage_path(name)
+            problem = (f"checkpoint at step {step} could not be written to {where}: {type(e).__name__}: {e}. "
+                       "The previous checkpoint stays the latest")
+            if final:
+                ray.train.report(metrics)
+                raise CheckpointWriteError(f"{problem}; free space (or fix the storage) and run the same `fitrun "
+                                           "train` again: it resumes from that checkpoint") from e
+            say(f"warning: {problem}; training goes on and the next save tries again")
+            ray.train.report(metrics)
+            return problem
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+    return None
+
+
+def _storage_path(name: str) -> str:
+    import ray.train
+
+    try:
+        return ray.train.get_context().get_storage().build_checkpoint_path_from_name(name)
+    except Exception:
+        return name
+
+
+def persist(local: Path, name: str):
+    """Copy a checkpoint to the run's storage (Ray Train's: local folder, NFS or object store) under
+    `name`; a copy that fails is removed before the error is raised, so no partial checkpoint is left."""
+    import pyarrow.fs
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    fs, dest = storage.storage_filesystem, storage.build_checkpoint_path_from_name(name)
+    try:
+        fs.create_dir(dest)
+        pyarrow.fs.copy_files(str(local), dest, destination_filesystem=fs, chunk_size=64 << 20,
+                              use_threads=not isinstance(fs, pyarrow.fs.S3FileSystem))
+    except Exception as e:
+        try:
+            fs.delete_dir(dest)
+        except Exception:
+            pass
+        if isinstance(e, OSError):
+            raise
+        raise OSError(str(e)) from e
+    return ray.train.Checkpoint(dest, fs)
+
+
+def intact_checkpoint(latest, say=print):
+    """The checkpoint to resume from: `latest` (Ray's) when its manifest holds, else the newest intact
+    one before it in the same run folder (Ray keeps two), else None. Says what it skipped."""
+    import pyarrow.fs
+    import ray.train
+
+    with latest.as_directory() as d:
+        problem = checkpoint_problem(Path(d))
+    if problem is None:
+        return latest
+    say(f"warning: checkpoint {latest.path} is torn ({problem}): skipped")
+    parent, newest = latest.path.rstrip("/").rsplit("/", 1)
+    infos = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    older = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name < newest), reverse=True)
+    for name in older:
+        candidate = ray.train.Checkpoint(f"{parent}/{name}", latest.filesystem)
+        with candidate.as_directory() as d:
+            problem = checkpoint_problem(Path(d))
+        if problem is None:
+            say(f"resuming from the checkpoint before it, {candidate.path}")
+            return candidate
+        say(f"warning: checkpoint {candidate.path} is torn too ({problem}): skipped")
+    say("warning: no intact checkpoint is left: the run starts over from step 0")
+    return None

@@ -22,7 +22,7 @@ from runner.parallel import distribute, gradient_sync, local_value
 from runner.spec import JobSpec
 from runner.tracking import RunLogger, outbox_path
 from runner.train.console import Console, format_step
-from runner.train.state import load_state, numeric, report
+from runner.train.state import intact_checkpoint, load_state, numeric, report
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         run.logger.metrics(numeric({f"final_{k}": v for k, v in summary.items()}), step=run.step)
     state = None if probe else {"model": run.trainable.model, "optimizer": run.optimizer,
                                 "scheduler": run.scheduler, "data_position": run.batches.position}
-    report(summary, run.rank, run.step, final=True, state=state)
+    report(summary, run.rank, run.step, final=True, state=state, say=run.console.say)
     run.console.say(f"done: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})}")
 
 
@@ -137,6 +137,8 @@ def setup(spec: JobSpec, probe: Probe | None, tracking_uri: str | None, run_id: 
               scheduler, max_steps, console=console, logger=logger, process_memory=process_memory, scaler=scaler)
 
     resume = ray.train.get_checkpoint()  # Ray restores the run's latest checkpoint (same name + storage)
+    if resume is not None:
+        resume = intact_checkpoint(resume, console.say)
     if resume is not None:
         with resume.as_directory() as resume_dir:
             state = load_state(resume_dir, trainable.model, optimizer, scheduler, device)
@@ -205,9 +207,11 @@ def loop(run: Run) -> tuple[dict[str, float], dict[str, float], str | None]:
                     _log(run, metrics)
                 if t.save_steps and run.step % t.save_steps == 0 and run.step < run.max_steps:
                     _check_run_open(run)
-                    report(metrics, run.rank, run.step, state={
+                    failed = report(metrics, run.rank, run.step, say=run.console.say, state={
                         "model": run.trainable.model, "optimizer": run.optimizer, "scheduler": run.scheduler,
                         "data_position": run.batches.position})
+                    if failed and run.logger:
+                        run.logger.tags({"fitrun.checkpoint_error": failed[:5000]})
                 _fault_injection(run.step)
     except torch.OutOfMemoryError as e:
         if not probe:
