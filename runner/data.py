@@ -331,6 +331,13 @@ class MicroBatches:
         self.per_epoch = len(rows) // (micro_batch_size * world_size)
         self.position = 0
 
+    def position_from(self, position: int, micro_batch_size: int, world_size: int) -> int:
+        """This layout's position after the rows that `position` micro-batches of another layout (a checkpoint's
+        micro-batch size and world size) handed out: the same epoch, the same rows done in it."""
+        per_epoch = len(self.rows) // (micro_batch_size * world_size)
+        epoch, idx = divmod(position, per_epoch)
+        return epoch * self.per_epoch + idx * micro_batch_size * world_size // (self.micro_batch_size * self.world_size)
+
     def _order(self, epoch: int) -> list[int]:
         order = list(range(len(self.rows)))
         random.Random(self.seed * 1000 + epoch).shuffle(order)

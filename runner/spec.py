@@ -253,6 +253,10 @@ class TrainingSpec(_Strict):
     """Before training, verify every LoRA parameter gets a non-zero gradient (fail fast)."""
     measure_warmup_steps: int = Field(1, ge=0)
     """Optimizer steps excluded from the steady-state tokens/s summary."""
+    on_oom: Literal["fallback", "fail"] = "fallback"
+    """Out of GPU memory mid-run: `fallback` resumes from the latest checkpoint with more recomputed layers
+    (then half the micro-batch, twice the accumulation: the same global batch), said in the console and
+    MLflow; `fail` ends the run."""
     max_failures: int | None = Field(None, ge=-1)
     """Automatic restarts after a worker dies (Ray Train's FailureConfig), each from the latest
     checkpoint; -1 is unlimited. Default: 3 on a cluster (resources.address set, or inside a Ray job),

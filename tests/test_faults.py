@@ -117,3 +117,27 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(root, tmp_path,
     assert "at step 4" in log
     steps, run = _history(tmp_path)
     assert steps == list(range(1, 11)) and run.info.status == "FINISHED"
+
+
+def test_an_out_of_memory_error_mid_run_falls_back_and_finishes(root, tmp_path):
+    """An OOM as step 6 starts (injected once): the run goes on from its step-4 checkpoint with more recomputed
+    layers, says so, records it in MLflow, and finishes with the same global batch, each step logged once."""
+    out = fitrun_train(root, tmp_path, "--set", "training.logging_steps=1", env={"FITRUN_OOM_AT_STEP": "6"})
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    assert "out of memory mid-run; training.on_oom: fallback: going on with" in log
+    assert "layers recomputed (was 2)" in log and "from checkpoint_000004" in log and "at step 4" in log
+    assert log.count("= global 8;") == 2  # micro x accum x workers, before and after
+    steps, run = _history(tmp_path)
+    assert steps == list(range(1, 9)) and run.info.status == "FINISHED"
+    assert run.data.tags["fitrun.oom_fallbacks"] == "1" and "was 2" in run.data.tags["fitrun.oom_fallback_1"]
+    summary = json.loads(out.stdout[out.stdout.index("\n{") + 1:])
+    assert summary["oom_fallbacks"] == [run.data.tags["fitrun.oom_fallback_1"]]
+
+
+def test_on_oom_fail_keeps_the_failure(root, tmp_path):
+    out = fitrun_train(root, tmp_path, "--set", "training.on_oom=fail", env={"FITRUN_OOM_AT_STEP": "6"})
+    log = out.stdout + out.stderr
+    assert out.returncode != 0 and "OutOfMemoryError" in log and "fallback" not in log
+    _, run = _history(tmp_path)
+    assert run.info.status == "FAILED"

@@ -299,20 +299,53 @@ def run_train(spec: JobSpec, resume: bool = True, allow_changes: bool = False) -
     if waiting := waiting_for(spec):
         print(waiting, flush=True)
 
-    try:
-        result = fit_interruptibly(make_trainer(spec, spec.name, str(out / "ray"), uri, logger.run_id))
-    except Stopped as e:
-        logger.end(ok=False, status="KILLED", reason=f"stopped by {e}")
-        _shutdown_ray()
-        raise
-    except Exception as e:
-        last_line = (str(e).strip().splitlines() or [""])[-1]
-        logger.end(ok=False, reason=f"{type(e).__name__}: {last_line[:300]}")
-        raise
+    fallbacks: list[str] = []
+    while True:
+        try:
+            result = fit_interruptibly(make_trainer(spec, spec.name, str(out / "ray"), uri, logger.run_id))
+            break
+        except Stopped as e:
+            logger.end(ok=False, status="KILLED", reason=f"stopped by {e}")
+            _shutdown_ray()
+            raise
+        except Exception as e:
+            fallback = _oom_fallback(spec, e, out, len(fallbacks)) if spec.training.on_oom == "fallback" else None
+            if fallback is None:
+                last_line = (str(e).strip().splitlines() or [""])[-1]
+                logger.end(ok=False, reason=f"{type(e).__name__}: {last_line[:300]}")
+                raise
+            what, spec = fallback
+            fallbacks.append(what)
+            logger.tags({f"fitrun.oom_fallback_{len(fallbacks)}": what, "fitrun.oom_fallbacks": str(len(fallbacks))})
+            logger.text(dump_yaml(spec), f"job-oom-fallback-{len(fallbacks)}.yaml")
+            (out / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=1))
     summary = _finish(spec, result, out, logger, predicted)
+    if fallbacks:
+        summary["oom_fallbacks"] = fallbacks
     summary.update(predicted_peak_gib=predicted, **({"predicted_device_gib": fit.device_gib, "gpu": fit.card,
                                                      "card_total_gib": fit.total_gib} if fit else {}))
     return summary
+
+
+MAX_OOM_FALLBACKS = 4
+
+
+def _oom_fallback(spec: JobSpec, error: Exception, out: Location, done: int) -> tuple[str, JobSpec] | None:
+    """After an out-of-memory failure: the next configuration (runner/train/oom.py), said, or None (not an
+    OOM, nothing left to trade, or too many fallbacks already)."""
+    from runner.train.oom import is_oom, next_config
+
+    if not is_oom(error) or done >= MAX_OOM_FALLBACKS:
+        return None
+    found = next_config(spec, error)
+    if found is None:
+        print("out of memory, and this job has nothing left to trade (every layer recomputed at micro-batch 1): it "
+              "does not fit; see `fitrun estimate` and `fitrun tune`", flush=True)
+        return None
+    latest = latest_checkpoint(out / "ray" / spec.name)
+    print(f"out of memory mid-run; training.on_oom: fallback: going on with {found[0]}, the same global batch, from "
+          f"{latest.name if latest else 'the start (no checkpoint yet)'}", flush=True)
+    return found
 
 
 def _estimate_said(spec: JobSpec, logger: RunLogger):

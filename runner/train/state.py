@@ -75,7 +75,8 @@ def gather_state(state: dict) -> dict:
     under FSDP: every rank calls it), the scheduler and the data position."""
     model, optimizer = state["model"], state["optimizer"]
     return {"model": model, "trainable": trainable_state(model), "optimizer": optimizer_state(model, optimizer),
-            "scheduler": state["scheduler"].state_dict(), "data_position": state["data_position"]}
+            "scheduler": state["scheduler"].state_dict(), "data_position": state["data_position"],
+            "data_layout": state.get("data_layout", {})}
 
 
 def save_state(directory: Path, gathered: dict, step: int) -> None:
@@ -83,12 +84,14 @@ def save_state(directory: Path, gathered: dict, step: int) -> None:
     gathered["model"].save_pretrained(directory / "adapter", state_dict=gathered["trainable"])
     torch.save({"trainable": gathered["trainable"], "optimizer": gathered["optimizer"],
                 "scheduler": gathered["scheduler"], "rng": torch.get_rng_state()}, directory / "trainer_state.pt")
-    (directory / STATE_FILE).write_text(json.dumps({"step": step, "data_position": gathered["data_position"]}))
+    (directory / STATE_FILE).write_text(json.dumps({"step": step, "data_position": gathered["data_position"],
+                                                   **gathered.get("data_layout", {})}))
     write_manifest(directory)
 
 
 def load_state(directory, model, optimizer, scheduler, device) -> dict:
-    """Restores model, optimizer, scheduler and RNG; returns {"step", "data_position"}."""
+    """Restores model, optimizer, scheduler and RNG; returns {"step", "data_position"} and the data layout
+    it counted in ("micro_batch_size", "world_size"; absent in older checkpoints)."""
     directory = Path(directory)
     state = json.loads((directory / STATE_FILE).read_text())
     blob = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=False)

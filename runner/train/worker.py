@@ -20,6 +20,7 @@ from runner.memory import PeakMemory, ProcessMemory, cap_gpu_memory
 from runner.model import Trainable, build_tokenizer, build_trainable
 from runner.parallel import distribute, gradient_sync, local_value
 from runner.spec import JobSpec
+from runner.storage import Location
 from runner.tracking import RunLogger, outbox_path
 from runner.train.console import Console, format_step
 from runner.train.state import intact_checkpoint, load_state, numeric, report
@@ -80,7 +81,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if run.logger:
         run.logger.metrics(numeric({f"final_{k}": v for k, v in summary.items()}), step=run.step)
     state = None if probe else {"model": run.trainable.model, "optimizer": run.optimizer,
-                                "scheduler": run.scheduler, "data_position": run.batches.position}
+                                "scheduler": run.scheduler, "data_position": run.batches.position, "data_layout": _layout(run)}
     report(summary, run.rank, run.step, final=True, state=state, say=run.console.say)
     run.console.say(f"done: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})}")
 
@@ -142,7 +143,11 @@ def setup(spec: JobSpec, probe: Probe | None, tracking_uri: str | None, run_id: 
     if resume is not None:
         with resume.as_directory() as resume_dir:
             state = load_state(resume_dir, trainable.model, optimizer, scheduler, device)
-        run.step, batches.position = state["step"], state["data_position"]
+        layout = (state.get("micro_batch_size", t.micro_batch_size), state.get("world_size", world_size))
+        run.step, batches.position = state["step"], batches.position_from(state["data_position"], *layout)
+        if layout != (t.micro_batch_size, world_size):
+            console.say(f"data: the checkpoint counted micro-batches of {layout[0]} on {layout[1]} worker(s); "
+                        f"resuming at micro-batch {batches.position} of {t.micro_batch_size} per worker, the same rows done")
         console.say(f"resumed from {resume.path} at step {run.step}")
     if logger:
         run.logged_through = logger.last_step("loss")
@@ -190,6 +195,7 @@ def loop(run: Run) -> tuple[dict[str, float], dict[str, float], str | None]:
     try:
         with memory:
             while run.step < run.max_steps:
+                _inject_oom(run)
                 memory.reset()
                 metrics = train_step(run.net, run.trainable.model, run.batches, run.optimizer, run.scheduler, t,
                                      run.device, run.world_size, run.scaler)
@@ -209,7 +215,7 @@ def loop(run: Run) -> tuple[dict[str, float], dict[str, float], str | None]:
                     _check_run_open(run)
                     failed = report(metrics, run.rank, run.step, say=run.console.say, state={
                         "model": run.trainable.model, "optimizer": run.optimizer, "scheduler": run.scheduler,
-                        "data_position": run.batches.position})
+                        "data_position": run.batches.position, "data_layout": _layout(run)})
                     if failed and run.logger:
                         run.logger.tags({"fitrun.checkpoint_error": failed[:5000]})
                 _fault_injection(run.step)
@@ -262,6 +268,21 @@ def _accumulate(totals: dict[str, float], metrics: dict[str, float], measured: b
         totals["measured_steps"] += 1
     for k in ("peak_allocated_gib", "peak_reserved_gib"):
         totals[k] = max(totals[k], metrics[k])
+
+
+def _layout(run: Run) -> dict[str, int]:
+    return {"micro_batch_size": run.spec.training.micro_batch_size, "world_size": run.world_size}
+
+
+def _inject_oom(run: Run) -> None:
+    """FITRUN_OOM_AT_STEP=N: a CUDA out-of-memory error as step N starts, once per output_dir (the OOM
+    fallback test's fault, on any device)."""
+    if run.probe or os.environ.get("FITRUN_OOM_AT_STEP") != str(run.step + 1):
+        return
+    marker = Location(run.spec.output_dir) / "oom-injected"
+    if run.rank == 0 and not marker.exists():
+        marker.write_text(str(run.step + 1))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB (injected by FITRUN_OOM_AT_STEP)")
 
 
 def _fault_injection(step: int) -> None:
