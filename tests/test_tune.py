@@ -68,6 +68,36 @@ def test_fit_searcher_finds_every_columns_smallest_fitting_k(use_estimate):
         assert len(launched) <= 2.5 * len(columns)  # the estimate puts probes next to the boundary
 
 
+def test_columns_without_a_prediction_are_measured_not_pruned():
+    """Columns of a lever combination the estimate does not model get no prediction (predict_all): the searcher
+    bisects them by measurement and still finds their boundary, while a wildly wrong prediction elsewhere would
+    have pruned them."""
+    columns = [Config(r, 16 // a, a, "first", None) for r in (8, 16) for a in (16, 8)]
+    ks = list(range(33))
+    modelled, unmodelled = columns[:2], columns[2:]
+    predicted = {at_k(col, k).key: oracle_gib(at_k(col, k)) for col in modelled for k in ks}
+    searcher = FitSearcher(columns, ks, CEILING - 0.5, predicted, prune_margin_pct=8, prune_dominated=False)
+    drive(searcher)
+    truth = brute_force_min_k(columns, ks, CEILING - 0.5)
+    found = {res["config"].column: res["config"].k for res in searcher.best_per_column()}
+    assert found == {col: k for col, k in truth.items() if k is not None}
+    assert not any(key.startswith(tuple(c.at_k(0).key.rsplit("-k", 1)[0] for c in unmodelled))
+                   for key in searcher.pruned)
+
+
+def test_the_estimate_says_which_lever_combinations_it_does_not_model():
+    from runner.estimate.trace import unmodelled
+    from runner.loading import load_job
+
+    def job(*sets):
+        return load_job("jobs/llama3-8b-lora.yaml", ["model.init=random", *sets])
+    assert unmodelled(job()) is None and unmodelled(job("model.quantization=fp8", "training.compile=true")) is None
+    assert "selective" in unmodelled(job("activation_checkpointing.policy=selective", "training.compile=true"))
+    assert "offload" in unmodelled(job("activation_checkpointing.offload=true"))
+    assert "bitsandbytes" in unmodelled(job("model.quantization=nf4", "training.kernels=liger"))
+    assert unmodelled(job("activation_checkpointing.offload=true"), target="cpu") is None
+
+
 def test_dominated_ranks_are_not_probed():
     columns = [Config(r, 1, 16, "first", None) for r in (8, 16, 64)]
     searcher = FitSearcher(columns, list(range(33)), CEILING - 0.5)

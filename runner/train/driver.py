@@ -351,8 +351,12 @@ def _oom_fallback(spec: JobSpec, error: Exception, out: Location, done: int) -> 
 def _estimate_said(spec: JobSpec, logger: RunLogger):
     """The memory estimate before the run: logged to MLflow, said against the job's card (whole process),
     and a warning when it is over the allocator cap. Returns (predicted allocator peak GiB, the card's Fit)."""
+    from runner.estimate.trace import unmodelled
+
     predicted = _predicted_peak(spec)
     logger.prediction(predicted, None)
+    if predicted is not None and spec.resources.use_gpu and (why := unmodelled(spec)):
+        print(f"note: the memory estimate is not modelled to 3% for this lever combination ({why})", flush=True)
     cap = allocator_cap_gib(spec.resources) if spec.resources.use_gpu else None
     card, catalogue = job_card(spec)
     fit = fit_on(card, catalogue, predicted, spec.compute_dtype, spec.model.quantization) \

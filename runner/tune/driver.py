@@ -88,8 +88,8 @@ def tune_searcher_class():
 
 def predict_all(job: JobSpec, space: SearchSpaceSpec, columns: list[Config], ks: list[int], target: str,
                 num_layers: int) -> dict[str, float]:
-    """Estimated peak (GiB) of every grid config: estimate's k anchors traced in parallel Ray tasks,
-    the rest interpolated the same way as `fitrun estimate --sweep`."""
+    """Estimated peak (GiB) of every grid config the estimate models: its k anchors traced in parallel Ray
+    tasks, the rest interpolated the same way as `fitrun estimate --sweep`."""
     import ray
 
     from runner.estimate.trace import estimate_at_k, interpolate_k, k_anchors
@@ -108,7 +108,13 @@ def predict_all(job: JobSpec, space: SearchSpaceSpec, columns: list[Config], ks:
             spec = apply_config(job, column.at_k(0), space.lora_alpha_rule).to_dict()
             futures[trace_key(column)] = {k: trace.remote(spec, k, column.placement) for k in k_anchors(ks)}
     traced = {key: interpolate_k(dict(zip(fs, ray.get(list(fs.values())))), ks) for key, fs in futures.items()}
-    return {column.at_k(k).key: traced[trace_key(column)][k].peak_gib for column in columns for k in ks}
+    # A lever combination the estimate is not modelled for gets no prediction: it is measured, never pruned by it.
+    unmodelled = [c for c in columns if traced[trace_key(c)][ks[0]].unmodelled]
+    if unmodelled:
+        print(f"estimate: {len(unmodelled)} of {len(columns)} columns are lever combinations it is not modelled for "
+              f"({traced[trace_key(unmodelled[0])][ks[0]].unmodelled}): measured, not pruned by it", flush=True)
+    return {column.at_k(k).key: traced[trace_key(column)][k].peak_gib for column in columns for k in ks
+            if column not in unmodelled}
 
 
 def concurrency(job: JobSpec, space: SearchSpaceSpec, trial_cpus: float) -> tuple[int, float]:

@@ -267,7 +267,7 @@ class FitSearcher:
         fits = [k for k in candidates if self.predicted.get(column.at_k(k).key, math.inf) <= self.limit_gib]
         if fits:
             return fits[0]
-        if self.predicted:
+        if any(column.at_k(k).key in self.predicted for k in candidates):  # unmodelled columns have none: bisect
             return candidates[-1]
         return candidates[(len(candidates) - 1) // 2] if fit_known_above else candidates[len(candidates) // 2]
 
