@@ -15,6 +15,7 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,9 +82,12 @@ def submit(job_path: str, job: JobSpec, overrides: list[str], address: str | Non
     env = {**worker_env(), "RAY_JOB_STOP_WAIT_TIME_S": STOP_WAIT_S, "FITRUN_PROGRESS": "0",
            **{k: os.environ[k] for k in PASSED_ENV if k in os.environ}}
     c = client(address)
-    c.submit_job(entrypoint=shlex.join(command), submission_id=submission_id,
-                 runtime_env={"working_dir": ".", "excludes": UPLOAD_EXCLUDES, "env_vars": env},
-                 metadata={"fitrun_job": job.name})
+    with tempfile.TemporaryDirectory(prefix="fitrun-upload-") as snap:
+        snapshot(Path.cwd(), Path(snap))  # files written meanwhile (this submit's own log) cannot break the upload
+        retrying(lambda: c.submit_job(entrypoint=shlex.join(command), submission_id=submission_id,
+                                      runtime_env={"working_dir": snap, "excludes": UPLOAD_EXCLUDES, "env_vars": env},
+                                      metadata={"fitrun_job": job.name}),
+                 f"submit to {dashboard_address(address)}")
     remember(submission_id, dashboard_address(address))
     out = absolute(job.resolved_output_dir())
     print(f"submitted {submission_id}\n"
@@ -92,6 +96,58 @@ def submit(job_path: str, job: JobSpec, overrides: list[str], address: str | Non
           "multi-node cluster)\n"
           f"  follow: fitrun logs {submission_id} --follow; stop: fitrun stop {submission_id}", flush=True)
     return submission_id
+
+
+def snapshot(source: Path, dest: Path) -> int:
+    """Copy the working directory, less what the upload excludes (UPLOAD_EXCLUDES and the root .gitignore, as
+    Ray reads them), into `dest`: Ray hashes and zips the copy, so a file growing or vanishing meanwhile (a log
+    being written, an open SQLite store) is taken as it was or not at all. Returns the files copied."""
+    import shutil
+
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    lines = list(UPLOAD_EXCLUDES)
+    if (source / ".gitignore").is_file():
+        lines += (source / ".gitignore").read_text().splitlines()
+    spec, copied = PathSpec.from_lines("gitwildmatch", lines), 0
+    for folder, dirs, files in os.walk(source):
+        rel = Path(folder).relative_to(source)
+        dirs[:] = [d for d in dirs if not spec.match_file(f"{(rel / d).as_posix()}/")]
+        for name in files:
+            path = (rel / name).as_posix()
+            if spec.match_file(path) or not (Path(folder) / name).is_file():
+                continue
+            (dest / rel).mkdir(parents=True, exist_ok=True)
+            try:
+                shutil.copy2(Path(folder) / name, dest / rel / name)
+                copied += 1
+            except FileNotFoundError:  # deleted while we walked: not part of the snapshot
+                pass
+    return copied
+
+
+TRANSIENT = ("No available agent", "status code 500", "status code 502", "status code 503", "status code 504")
+
+
+def retrying(call, what: str, attempts: int | None = None, first_wait_s: float | None = None):
+    """`call()`, retried with a doubling wait when Ray's dashboard answers a transient error (its job agent
+    not up yet, a 5xx, a dropped connection); the last failure is one clear error (exit 2), not a traceback."""
+    attempts = attempts or int(os.environ.get("FITRUN_SUBMIT_ATTEMPTS", "6"))
+    wait = first_wait_s if first_wait_s is not None else float(os.environ.get("FITRUN_SUBMIT_RETRY_S", "2"))
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except (RuntimeError, ConnectionError) as e:
+            message = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            if not (isinstance(e, ConnectionError) or any(t in str(e) for t in TRANSIENT)):
+                raise
+            if attempt == attempts:
+                raise SpecError(what, [f"the Ray cluster did not accept it after {attempts} tries: {message[:300]} (its "
+                                       "dashboard agent may still be starting, or the head is overloaded: try again in a "
+                                       "minute; `ray status` on the head shows its state)"]) from None
+            print(f"{what}: {message[:200]}; retrying in {wait:g} s ({attempt}/{attempts})", flush=True)
+            time.sleep(wait)
+            wait = min(wait * 2, 30)
 
 
 def _submitted_file() -> Path:
@@ -128,7 +184,7 @@ def dashboard_address(address: str | None, submission_id: str | None = None) -> 
 def _known(c, submission_id: str, address: str | None):
     """The job's info; an id the cluster does not know is one clear error (Ray answers 404 with a traceback)."""
     try:
-        return c.get_job_info(submission_id)
+        return retrying(lambda: c.get_job_info(submission_id), f"job {submission_id}")
     except RuntimeError as e:
         if "404" not in str(e) and "does not exist" not in str(e):
             raise

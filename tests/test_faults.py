@@ -4,7 +4,6 @@ disk that fills during a save (a real tmpfs of a few MiB), an out-of-memory erro
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import threading
 import time
@@ -12,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fitrun_train
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
-
-from conftest import fitrun_train
 
 pytestmark = pytest.mark.slow
 
