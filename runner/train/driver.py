@@ -299,11 +299,26 @@ def run_train(spec: JobSpec, resume: bool = True, allow_changes: bool = False) -
     if waiting := waiting_for(spec):
         print(waiting, flush=True)
 
+    result, spec, fallbacks = _fit(spec, out, uri, logger)
+    summary = _finish(spec, result, out, logger, predicted)
+    if fallbacks:
+        summary["oom_fallbacks"] = fallbacks
+    summary.update(predicted_peak_gib=predicted, **({"predicted_device_gib": fit.device_gib, "gpu": fit.card,
+                                                     "card_total_gib": fit.total_gib} if fit else {}))
+    return summary
+
+
+MAX_OOM_FALLBACKS = 4
+
+
+def _fit(spec: JobSpec, out: Location, uri: str, logger: RunLogger):
+    """The Ray Train fit, again with the next configuration after each out-of-memory failure (`training.on_oom:
+    fallback`). Returns (result, the spec that finished, the fallbacks taken). SIGTERM/SIGINT mark the run
+    KILLED and raise `Stopped`; any other failure marks it FAILED."""
     fallbacks: list[str] = []
     while True:
         try:
-            result = fit_interruptibly(make_trainer(spec, spec.name, str(out / "ray"), uri, logger.run_id))
-            break
+            return fit_interruptibly(make_trainer(spec, spec.name, str(out / "ray"), uri, logger.run_id)), spec, fallbacks
         except Stopped as e:
             logger.end(ok=False, status="KILLED", reason=f"stopped by {e}")
             _shutdown_ray()
@@ -319,15 +334,6 @@ def run_train(spec: JobSpec, resume: bool = True, allow_changes: bool = False) -
             logger.tags({f"fitrun.oom_fallback_{len(fallbacks)}": what, "fitrun.oom_fallbacks": str(len(fallbacks))})
             logger.text(dump_yaml(spec), f"job-oom-fallback-{len(fallbacks)}.yaml")
             (out / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=1))
-    summary = _finish(spec, result, out, logger, predicted)
-    if fallbacks:
-        summary["oom_fallbacks"] = fallbacks
-    summary.update(predicted_peak_gib=predicted, **({"predicted_device_gib": fit.device_gib, "gpu": fit.card,
-                                                     "card_total_gib": fit.total_gib} if fit else {}))
-    return summary
-
-
-MAX_OOM_FALLBACKS = 4
 
 
 def _oom_fallback(spec: JobSpec, error: Exception, out: Location, done: int) -> tuple[str, JobSpec] | None:
