@@ -62,6 +62,7 @@ class Run:
     logged_through: int = 0    # steps already in the MLflow run (a restarted attempt logs after them)
     process_memory: ProcessMemory | None = None  # the whole process on the GPU (NVML), beside the allocator
     scaler: Any = None         # loss scaling for float16 compute on CUDA (cards without bf16)
+    preemption_saved: bool = False  # a checkpoint was taken at this attempt's preemption notice
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -155,7 +156,7 @@ def setup(spec: JobSpec, probe: Probe | None, tracking_uri: str | None, run_id: 
             logger.metrics({f"data_{k}": v for k, v in data.accounting.items()})
             if probe is None:  # reads the data files once more, for the digest
                 logger.dataset(Path(spec.data.path).name, content_digest(spec.data), spec.data.path, data.accounting)
-    console.say(f"worker pid {os.getpid()} (rank {rank}, {device})")
+    console.say(f"worker pid {os.getpid()} (rank {rank}, {device}) on node {ray.get_runtime_context().get_node_id()}")
     return run
 
 
@@ -211,7 +212,10 @@ def loop(run: Run) -> tuple[dict[str, float], dict[str, float], str | None]:
                     run.console.progress(run.step)
                     run.console.say(format_step(metrics, run.max_steps))
                     _log(run, metrics)
-                if t.save_steps and run.step % t.save_steps == 0 and run.step < run.max_steps:
+                notice = _preemption_notice(run)
+                if notice or (t.save_steps and run.step % t.save_steps == 0 and run.step < run.max_steps):
+                    if notice:
+                        run.console.say(f"preemption notice: {notice}; saving a checkpoint at step {run.step}")
                     _check_run_open(run)
                     failed = report(metrics, run.rank, run.step, say=run.console.say, state={
                         "model": run.trainable.model, "optimizer": run.optimizer, "scheduler": run.scheduler,
@@ -268,6 +272,23 @@ def _accumulate(totals: dict[str, float], metrics: dict[str, float], measured: b
         totals["measured_steps"] += 1
     for k in ("peak_allocated_gib", "peak_reserved_gib"):
         totals[k] = max(totals[k], metrics[k])
+
+
+def _preemption_notice(run: Run) -> str | None:
+    """Once per attempt, when Ray reports that a node of this worker group is being preempted (a spot reclaim,
+    `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`): what it said. The checkpoint taken then means a
+    restart on the nodes that remain redoes at most the steps since the notice. Jobs only, never the last step
+    (its final report carries a checkpoint anyway)."""
+    if run.probe or run.preemption_saved or run.step >= run.max_steps:
+        return None
+    import ray.train
+
+    info = ray.train.get_preemption_info()  # every rank calls it: Ray agrees on one answer
+    if info is None:
+        return None
+    run.preemption_saved = True
+    left = f", {max(0, info.deadline_ms / 1000 - time.time()):.0f} s left" if info.deadline_ms else ""
+    return f"node(s) {', '.join(n[:12] for n in info.preempted_node_ids)} (rank(s) {info.preempted_ranks}){left}"
 
 
 def _layout(run: Run) -> dict[str, int]:
