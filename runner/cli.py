@@ -217,7 +217,7 @@ def _job_command(args) -> int:
     from runner import submit
 
     if args.command == "status":
-        print(submit.status(args.id, args.address))
+        print(submit.status(args.id, args.address, reason=True))
     elif args.command == "logs":
         submit.logs(args.id, args.address, args.follow)
     else:

@@ -192,18 +192,26 @@ def _known(c, submission_id: str, address: str | None):
                                         "check the id `fitrun submit` printed, and --address"]) from None
 
 
-def status(submission_id: str, address: str | None) -> str:
+def status(submission_id: str, address: str | None, reason: bool = False) -> str:
+    """The job's state; with `reason`, a FAILED job's cause as Ray gives it on a second line (a job that failed
+    before its driver started, its runtime env or upload, has it nowhere else: its logs are empty)."""
     address = dashboard_address(address, submission_id)
     info = _known(client(address), submission_id, address)
-    return str(info.status.value if hasattr(info.status, "value") else info.status)
+    state = str(info.status.value if hasattr(info.status, "value") else info.status)
+    if reason and state == "FAILED" and info.message:
+        return f"{state}\n  Ray says: {info.message.strip()[-2000:]}"
+    return state
 
 
 def logs(submission_id: str, address: str | None, follow: bool) -> None:
     address = dashboard_address(address, submission_id)
     c = client(address)
-    _known(c, submission_id, address)
+    info = _known(c, submission_id, address)
     if not follow:
-        sys.stdout.write(c.get_job_logs(submission_id))
+        text = c.get_job_logs(submission_id)
+        sys.stdout.write(text)
+        if not text.strip() and info.message:
+            print(f"(no output from the job itself) Ray says: {info.message.strip()[-2000:]}")
         return
 
     async def tail():

@@ -223,6 +223,25 @@ def test_submit_status_logs_with_token_auth(root, tmp_path, cluster):
         assert "Traceback" not in unknown.stderr
 
 
+def test_a_job_that_fails_before_its_driver_starts_says_why(root, tmp_path, cluster):
+    """Issue 26: a job whose runtime env cannot be set up (here: a working-dir package the cluster does not have)
+    never runs a line of its own; `fitrun status` and `fitrun logs` show Ray's reason instead of a bare FAILED."""
+    from ray.job_submission import JobSubmissionClient
+
+    _, dashboard, env = cluster
+    c = JobSubmissionClient(dashboard, headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
+    job_id = c.submit_job(entrypoint="python -c 'print(1)'",
+                          runtime_env={"working_dir": "gcs://_ray_pkg_0123456789abcdef.zip"})
+    deadline = time.monotonic() + 120
+    while (state := fitrun(root, "status", job_id, "--address", dashboard, env=env).stdout).split("\n")[0] in \
+            ("PENDING", "RUNNING"):
+        assert time.monotonic() < deadline
+        time.sleep(2)
+    assert state.startswith("FAILED\n  Ray says: ") and "_ray_pkg_0123456789abcdef" in state, state
+    logs = fitrun(root, "logs", job_id, "--address", dashboard, env=env).stdout
+    assert "Ray says: " in logs and "_ray_pkg_0123456789abcdef" in logs, logs
+
+
 def test_stop_marks_the_run_killed(root, tmp_path, cluster):
     _, dashboard, env = cluster
     out = fitrun(root, "submit", *tiny(tmp_path, "--set", "training.max_steps=400"), "--address", dashboard, env=env)

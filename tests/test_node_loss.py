@@ -71,6 +71,18 @@ def _worker(seen: list[str]) -> tuple[int, str]:
     return int(pid), node_id
 
 
+def _finished_elsewhere(proc, seen: list[str], tmp_path, gone_node: str, resumed: str, steps: int) -> None:
+    """The run ended well, resumed (`resumed` names the checkpoint) on a node other than `gone_node`, in one
+    FINISHED MLflow run with each of its `steps` steps logged once."""
+    rest, _ = proc.communicate(timeout=600)
+    log = "".join(seen) + rest
+    assert proc.returncode == 0, log[-4000:]
+    assert re.search(r"resumed from \S*" + resumed, log), log[-4000:]
+    assert re.findall(r"worker pid \d+ \(.*\) on node (\w+)", log)[-1] != gone_node  # the other node
+    client, run = the_run(tmp_path)
+    assert run.info.status == "FINISHED" and logged_steps(client, run) == list(range(1, steps + 1))
+
+
 def test_a_lost_worker_node_restarts_the_run_on_the_node_that_remains(root, tmp_path, three_nodes):
     address, env, nodes = three_nodes
     proc = _start(root, tmp_path, address, env, "--set", "training.save_steps=4")
@@ -80,14 +92,8 @@ def test_a_lost_worker_node_restarts_the_run_on_the_node_that_remains(root, tmp_
     seen += wait_for_line(proc, "step ", min_step=10)
     raylet = next(p for p in psutil.Process(nodes[lost].pid).children(recursive=True) if "raylet" in p.name())
     raylet.send_signal(signal.SIGKILL)  # the node is gone: no notice, its workers die with its raylet
-    rest, _ = proc.communicate(timeout=600)
-    log = "".join(seen) + rest
-    assert proc.returncode == 0, log[-4000:]
-    # the latest checkpoint Ray's controller registered (one reported just before the node died may not be)
-    assert re.search(r"resumed from .*checkpoint_0000(04|08|12) at step (4|8|12)\b", log), log[-4000:]
-    assert re.findall(r"worker pid \d+ \(.*\) on node (\w+)", log)[-1] != first_node  # the other node
-    client, run = the_run(tmp_path)
-    assert run.info.status == "FINISHED" and logged_steps(client, run) == list(range(1, 25))
+    # from the latest checkpoint Ray's controller registered (one reported just before the node died may not be)
+    _finished_elsewhere(proc, seen, tmp_path, first_node, r"checkpoint_0000(04|08|12) at step (4|8|12)\b", 24)
 
 
 def test_a_preemption_notice_checkpoints_and_the_run_finishes_elsewhere(root, tmp_path, three_nodes):
@@ -95,7 +101,7 @@ def test_a_preemption_notice_checkpoints_and_the_run_finishes_elsewhere(root, tm
     on a Ray cluster), then the node SIGTERMed once the deadline passed: the worker checkpoints at the notice
     (the job saves nowhere else), and the restart on the other node resumes from exactly that step."""
     address, env, nodes = three_nodes
-    proc = _start(root, tmp_path, address, env, "--set", "training.save_steps=null", steps=120)
+    proc = _start(root, tmp_path, address, env, "--set", "training.save_steps=null", steps=60)
     seen = wait_for_line(proc, "worker pid")
     pid, node_id = _worker(seen)
     doomed = _node_of(pid, nodes)
@@ -110,10 +116,4 @@ def test_a_preemption_notice_checkpoints_and_the_run_finishes_elsewhere(root, tm
     noticed_at = int(re.search(r"saving a checkpoint at step (\d+)", seen[-1]).group(1))
     time.sleep(max(0.0, deadline - time.monotonic()) + 2)  # past the deadline: the cloud takes the machine
     _stop_node(nodes.pop(doomed), doomed)
-    rest, _ = proc.communicate(timeout=600)
-    log = "".join(seen) + rest
-    assert proc.returncode == 0, log[-4000:]
-    assert re.search(rf"resumed from \S*checkpoint_0*{noticed_at} at step {noticed_at}\b", log), log[-4000:]
-    assert re.findall(r"worker pid \d+ \(.*\) on node (\w+)", log)[-1] != node_id  # the other node
-    client, run = the_run(tmp_path)
-    assert run.info.status == "FINISHED" and logged_steps(client, run) == list(range(1, 121))
+    _finished_elsewhere(proc, seen, tmp_path, node_id, rf"checkpoint_0*{noticed_at} at step {noticed_at}\b", 60)
