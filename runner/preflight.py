@@ -33,7 +33,7 @@ def preflight(spec: JobSpec, source: str = "job", command: str = "train") -> Non
         machine = _check_this_machine(spec)
         if command in ("train", "tune"):
             problems += machine
-        for note in machine if command == "validate" else []:
+        for note in machine if command == "validate" and not problems else []:  # errors first, alone
             print(f"warning: {note}; `fitrun train` here refuses it", file=sys.stderr)
     if problems:
         raise SpecError(source, problems)
