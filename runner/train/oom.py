@@ -37,28 +37,26 @@ def _recomputed(spec: JobSpec, num_layers: int) -> int:
     return len(resolve_layers(spec.activation_checkpointing, num_layers))
 
 
-def _with(spec: JobSpec, **changes) -> JobSpec:
-    from runner.loading import job_from_dict
+def _with(spec: JobSpec, *sets: str) -> JobSpec:
+    """`spec` with `--set`-style overrides (the CLI's own parsing and merge); a recomputed-layer count
+    replaces any explicit layer list."""
+    from runner.loading import deep_merge, job_from_dict, parse_overrides
 
-    raw = spec.to_dict()
-    for key, value in changes.items():
-        section, name = key.split("__")
-        raw[section][name] = value
-    if "count" in {k.split("__")[1] for k in changes}:
-        raw["activation_checkpointing"]["layers"] = "none"
-    return job_from_dict(raw, "job")
+    if any(s.startswith("activation_checkpointing.count=") for s in sets):
+        sets = ("activation_checkpointing.layers=none", *sets)
+    return job_from_dict(deep_merge(spec.to_dict(), parse_overrides(list(sets))), "job")
 
 
 def candidates(spec: JobSpec, num_layers: int) -> list[tuple[str, JobSpec]]:
     """Configurations with less memory per step than `spec`, the mildest first: each number of recomputed
     layers above today's, then (all recomputed) half the micro-batch at twice the accumulation."""
     k, t = _recomputed(spec, num_layers), spec.training
-    out = [(f"{n}/{num_layers} layers recomputed (was {k})", _with(spec, activation_checkpointing__count=n))
+    out = [(f"{n}/{num_layers} layers recomputed (was {k})", _with(spec, f"activation_checkpointing.count={n}"))
            for n in range(k + 1, num_layers + 1)]
     if t.micro_batch_size > 1 and t.micro_batch_size % 2 == 0:
         mb, acc = t.micro_batch_size // 2, t.gradient_accumulation_steps * 2
-        halved = _with(spec, training__micro_batch_size=mb, training__gradient_accumulation_steps=acc,
-                       activation_checkpointing__count=num_layers)
+        halved = _with(spec, f"training.micro_batch_size={mb}", f"training.gradient_accumulation_steps={acc}",
+                       f"activation_checkpointing.count={num_layers}")
         out.append((f"micro-batch {mb} x accumulation {acc} (was {t.micro_batch_size} x "
                      f"{t.gradient_accumulation_steps}), {num_layers}/{num_layers} layers recomputed", halved))
     return out

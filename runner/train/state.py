@@ -143,12 +143,11 @@ def report(metrics: dict, rank: int, step: int, final: bool = False, state: dict
             where = _storage_path(name)
             problem = (f"checkpoint at step {step} could not be written to {where}: {type(e).__name__}: {e}. "
                        "The previous checkpoint stays the latest")
+            ray.train.report(metrics)  # the barrier every rank is in, without a checkpoint
             if final:
-                ray.train.report(metrics)
                 raise CheckpointWriteError(f"{problem}; free space (or fix the storage) and run the same `fitrun "
                                            "train` again: it resumes from that checkpoint") from e
             say(f"warning: {problem}; training goes on and the next save tries again")
-            ray.train.report(metrics)
             return problem
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
                          checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
