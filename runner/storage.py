@@ -68,6 +68,13 @@ class Location:
 
         return self._type() == pyarrow.fs.FileType.Directory
 
+    def size(self) -> int | None:
+        """A file's size in bytes; None when it is not a file."""
+        import pyarrow.fs
+
+        info = self.fs.get_file_info(self.path)
+        return info.size if info.type == pyarrow.fs.FileType.File else None
+
     def mkdir(self) -> None:
         self.fs.create_dir(self.path, recursive=True)
 

@@ -44,6 +44,7 @@ def test_a_torn_checkpoint_is_skipped_for_the_one_before(root, finished, tmp_pat
     log = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, log[-3000:]
     assert "checkpoint_000006 is torn (trainer_state.pt has" in log
+    assert f"resuming from {run_dir / 'checkpoint_000004'}\n" in log  # the driver's line names the one used
     assert "resuming from the checkpoint before it" in log and "at step 4" in log
     steps, run = _history(tmp_path)
     assert steps == [2, 4, 6, 8] and run.info.status == "FINISHED"

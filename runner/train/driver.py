@@ -237,14 +237,22 @@ def _shutdown_ray() -> None:
 
 
 def latest_checkpoint(run_dir: Location) -> Location | None:
-    """The checkpoint Ray Train will restore: the latest one its snapshot lists (a worker that outlived
-    its driver may have written a later directory that Ray never registered)."""
+    """The checkpoint a resume starts from: the latest one Ray Train's snapshot lists (a worker that outlived
+    its driver may have written a later directory that Ray never registered) when its manifest holds, else the
+    newest intact one before it, as the worker's `intact_checkpoint` picks (sizes here, hashes there)."""
+    from runner.train.state import stored_checkpoint_problem
+
     snapshot = run_dir / CHECKPOINT_SNAPSHOT
     if not snapshot.exists():
         return None
     latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
     name = latest.get("checkpoint_dir_name")
-    return run_dir / name if name and (run_dir / name).exists() else None
+    if not name or not (run_dir / name).exists():
+        return None
+    for candidate in [name] + [n for n in reversed(run_dir.names("checkpoint_")) if n < name]:
+        if stored_checkpoint_problem(run_dir / candidate) is None:
+            return run_dir / candidate
+    return None
 
 
 def spec_changes(saved: dict, spec: JobSpec) -> list[str]:

@@ -70,6 +70,26 @@ def checkpoint_problem(directory: Path) -> str | None:
     return None
 
 
+def stored_checkpoint_problem(checkpoint) -> str | None:
+    """`checkpoint_problem` by sizes only, for a checkpoint in the run's storage (a `runner.storage.Location`,
+    local or remote) without reading its files: what the driver says before a resume (the worker also checks
+    the hashes)."""
+    manifest = checkpoint / MANIFEST
+    if not manifest.exists():
+        return f"no {MANIFEST} (its write did not finish)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return f"{MANIFEST} unreadable ({e})"
+    for name, want in files.items():
+        size = (checkpoint / name).size()
+        if size is None:
+            return f"{name} missing"
+        if size != want["bytes"]:
+            return f"{name} has {size:,} bytes, its manifest says {want['bytes']:,}"
+    return None
+
+
 def gather_state(state: dict) -> dict:
     """What a checkpoint holds, in full: the trainable parameters and the optimizer state (collective
     under FSDP: every rank calls it), the scheduler and the data position."""
