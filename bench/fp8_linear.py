@@ -3,6 +3,7 @@ fp8 (runner/quant.py), eager and under torch.compile, and the bare matmuls as th
 
   bf16 / bf16-compile        plain nn.Linear, frozen
   fp8 / fp8-compile          runner.quant.Fp8Linear (e4m3 weight + row scale, _scaled_mm both ways)
+  fp8-fast-compile           the same, the forward with cuBLASLt's fast fp8 accumulation
   mm-bf16 / mm-fp8           the 14 matmuls alone (7 forward, 7 input-gradient), operands prepared once
 
 Every arm in one process on one card; the speedup lines divide two arms of this run.
@@ -42,7 +43,10 @@ def _time(fn, steps: int) -> float:
 def layer_arm(name: str, tokens: int, steps: int) -> float:
     model = Linears("cuda")
     if name.startswith("fp8"):
+        import runner.quant
         from runner.quant import Fp8Linear
+
+        runner.quant.FAST_ACCUM = "fast" in name
 
         for n in list(model.proj):
             model.proj[n] = Fp8Linear(model.proj[n])
@@ -84,7 +88,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--arms", nargs="*", default=["mm-bf16", "mm-fp8", "bf16", "fp8", "bf16-compile", "fp8-compile"])
+    ap.add_argument("--arms", nargs="*", default=["mm-bf16", "mm-fp8", "bf16", "fp8", "bf16-compile", "fp8-compile",
+                                                       "fp8-fast-compile"])
     args = ap.parse_args()
     ms = {}
     for name in args.arms:
@@ -103,7 +108,8 @@ def main() -> None:
              "| arm | ms | TFLOP/s |", "| --- | --- | --- |"]
     lines += [f"| {n} | {t:.3f} | {flops / t / 1e9:.0f} |" for n, t in ms.items()]
     lines.append("")
-    for fp8, bf16 in (("fp8-compile", "bf16-compile"), ("fp8", "bf16"), ("mm-fp8", "mm-bf16")):
+    for fp8, bf16 in (("fp8-compile", "bf16-compile"), ("fp8-fast-compile", "bf16-compile"), ("fp8", "bf16"),
+                      ("mm-fp8", "mm-bf16")):
         if fp8 in ms and bf16 in ms:
             key = "fp8_linear_speedup_vs_bf16" if fp8 == "fp8-compile" else f"{fp8}_vs_{bf16}"
             lines.append(f"{key}: {ms[bf16] / ms[fp8]:.2f}")

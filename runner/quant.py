@@ -20,6 +20,9 @@ from runner.spec import BITSANDBYTES
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
+# The forward matmul's accumulation: cuBLASLt's fast fp8 accumulation (torchao's default for the forward, not
+# for gradients) when True. bench/fp8_linear.py measures both.
+FAST_ACCUM = False
 
 
 def _replace(layer: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
@@ -53,7 +56,7 @@ class _Fp8FrozenMatmul(torch.autograd.Function):
         rows = x.reshape(-1, x.shape[-1])
         xq, xs = _rowwise_fp8(_pad_rows(rows))
         # _scaled_mm takes its second operand column-major: W (out, in) row-major transposed is.
-        y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.t(), out_dtype=x.dtype)
+        y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.t(), out_dtype=x.dtype, use_fast_accum=FAST_ACCUM)
         return y[: rows.shape[0]].reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
