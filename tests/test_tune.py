@@ -95,6 +95,7 @@ def test_the_estimate_says_which_lever_combinations_it_does_not_model():
     assert "selective" in unmodelled(job("activation_checkpointing.policy=selective", "training.compile=true"))
     assert "offload" in unmodelled(job("activation_checkpointing.offload=true"))
     assert "bitsandbytes" in unmodelled(job("model.quantization=nf4", "training.kernels=liger"))
+    assert "int8" in unmodelled(job("model.quantization=int8", "training.compile=true"))
     assert unmodelled(job("activation_checkpointing.offload=true"), target="cpu") is None
 
 

@@ -91,16 +91,19 @@ class Estimate:
         return {**asdict(self), "peak_gib": self.peak_gib, "modelled": self.modelled}
 
 
-# Lever combinations the CUDA estimate is not modelled for to 3%, from 13 random valid combinations measured on
-# an H200 (bench/results/estimate-random-2026-12-06.md: estimate / measured peak reserved - 1). The three that
-# none of these rules catches were within 3% (+2.6, +1.9, +1.6%). The rules were written from those runs; the
-# eight combinations of the same draw not yet measured are their held-out check.
+# Lever combinations the CUDA estimate is not modelled for to 3%, from 21 random valid combinations measured on
+# an H200 (bench/results/estimate-random-2026-12-06.md: estimate / measured peak reserved - 1). The first three
+# rules were written from the first 13 runs; of the 8 held out, the two they let through were an exact 0.0% and
+# an int8 base under torch.compile at -26% (it kept far more than INT8_COMPILED_RECOMPUTED_LAYER_GIB says): the
+# fourth rule. The four combinations no rule catches were within 3% (+2.6, +1.9, +1.6, 0.0%).
 UNMODELLED = [
     (lambda s: s.activation_checkpointing.policy == "selective" and (s.training.compile or s.training.kernels == "liger"),
      "selective recompute under torch.compile or Liger kernels (measured +4% to +65%)"),
     (lambda s: s.activation_checkpointing.offload, "activation offload (measured -8% and +5%)"),
     (lambda s: s.training.kernels == "liger" and s.model.quantization in ("nf4", "int8"),
      "Liger kernels on a bitsandbytes base (measured -15% to -2%)"),
+    (lambda s: s.model.quantization == "int8" and s.training.compile,
+     "an int8 base under torch.compile (measured -26%)"),
 ]
 
 
