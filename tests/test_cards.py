@@ -39,6 +39,8 @@ def test_a_fit_is_the_whole_process_against_the_drivers_total():
     assert fit_on(l4, cards, 20.0, "bfloat16", "fp8").fits
     assert allocator_budget_gib(l4, cards) == pytest.approx((23034 - 760) / 1024)
     assert fit_on(cards["A10G"], cards, 10.0, "bfloat16", "fp8").cannot_run
+    # Several workers: NCCL's buffers are not measured, and the fit says so rather than leave them out silently.
+    assert f.not_included is None and "NCCL" in fit_on(l4, cards, 20.0, workers=2).line()
 
 
 def test_a_users_catalogue_adds_and_replaces_cards(tmp_path, monkeypatch):

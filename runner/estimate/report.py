@@ -32,7 +32,8 @@ def format_table(est: Estimate, ceiling_gib: float | None) -> str:
 
 
 def card_fit(job: JobSpec, est: Estimate, card: Card, catalogue: dict[str, Card]) -> Fit:
-    return fit_on(card, catalogue, est.peak_reserved_gib, job.compute_dtype, job.model.quantization)
+    return fit_on(card, catalogue, est.peak_reserved_gib, job.compute_dtype, job.model.quantization,
+                  workers=job.resources.num_workers)
 
 
 def with_sequence_len(job: JobSpec, sequence_len: int) -> JobSpec:

@@ -376,7 +376,7 @@ def _estimate_said(spec: JobSpec, logger: RunLogger):
         print(f"note: the memory estimate is not modelled to 3% for this lever combination ({why})", flush=True)
     cap = allocator_cap_gib(spec.resources) if spec.resources.use_gpu else None
     card, catalogue = job_card(spec)
-    fit = fit_on(card, catalogue, predicted, spec.compute_dtype, spec.model.quantization) \
+    fit = fit_on(card, catalogue, predicted, spec.compute_dtype, spec.model.quantization, workers=spec.resources.num_workers) \
         if predicted is not None and card is not None else None
     if fit:
         logger.metrics({"predicted_device_gib": fit.device_gib})
