@@ -4,11 +4,15 @@ fp8 (runner/quant.py), eager and under torch.compile, and the bare matmuls as th
   bf16 / bf16-compile        plain nn.Linear, frozen
   fp8 / fp8-compile          runner.quant.Fp8Linear (e4m3 weight + row scale, _scaled_mm both ways)
   fp8-fast-compile           the same, the forward with cuBLASLt's fast fp8 accumulation
-  mm-bf16 / mm-fp8           the 14 matmuls alone (7 forward, 7 input-gradient), operands prepared once
+  fp8-fastall-compile        fast accumulation in the input-gradient matmul too
+  fp8-fast-mk-compile        fp8-fast-compile with inductor's multi-kernel (one-pass row reductions allowed)
+  mm-bf16 / mm-fp8 / mm-fp8-fast   the 14 matmuls alone (7 forward, 7 input-gradient), operands prepared once
 
-Every arm in one process on one card; the speedup lines divide two arms of this run.
+The seven linears are chained as in the layer (q, k, v read the input; o reads q plus k and v repeated to its
+width; gate, up and down form the MLP), so a compiler can drop none of them. Every arm in one process on one
+card; the speedup lines divide two arms of this run.
 
-    PYTHONPATH=. python bench/fp8_linear.py --out bench/results/fp8-linear.md [--tokens 4096]
+    PYTHONPATH=. python bench/fp8_linear.py --out bench/results/fp8-linear.md [--tokens 4096] [--profile ARM]
 """
 
 from __future__ import annotations
@@ -16,14 +20,27 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 
 import torch
 
-sys.path.insert(0, "bench")
-from torchao_fp8 import SHAPES, Linears  # noqa: E402 - the same seven linears
-
+HIDDEN, INTER, KV = 4096, 14336, 1024
+SHAPES = {"q": (HIDDEN, HIDDEN), "k": (KV, HIDDEN), "v": (KV, HIDDEN), "o": (HIDDEN, HIDDEN),
+          "gate": (INTER, HIDDEN), "up": (INTER, HIDDEN), "down": (HIDDEN, INTER)}
 FP8 = torch.float8_e4m3fn
+
+
+class Linears(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.ModuleDict({n: torch.nn.Linear(i, o, bias=False, device="cuda", dtype=torch.bfloat16)
+                                         for n, (o, i) in SHAPES.items()})
+        self.requires_grad_(False)
+
+    def forward(self, x):
+        p, rep = self.proj, HIDDEN // KV
+        attn = p["o"](p["q"](x) + (p["k"](x) + p["v"](x)).repeat(1, rep))
+        return p["down"](torch.nn.functional.silu(p["gate"](x)) * p["up"](x)) + attn
 
 
 def _time(fn, steps: int) -> float:
@@ -40,47 +57,56 @@ def _time(fn, steps: int) -> float:
     return start.elapsed_time(end) / steps
 
 
-def layer_arm(name: str, tokens: int, steps: int) -> float:
-    model = Linears("cuda")
+def layer_step(name: str, tokens: int):
+    import runner.quant
+
+    model = Linears()
     if name.startswith("fp8"):
-        import runner.quant
-        from runner.quant import Fp8Linear
-
-        runner.quant.FAST_ACCUM = "fast" in name
-
+        runner.quant.FAST_ACCUM = "-fast" in name
+        runner.quant.FAST_ACCUM_BACKWARD = "-fastall" in name
         for n in list(model.proj):
-            model.proj[n] = Fp8Linear(model.proj[n])
+            model.proj[n] = runner.quant.Fp8Linear(model.proj[n])
+    torch._inductor.config.triton.multi_kernel = 1 if "-mk" in name else 0
     forward = torch.compile(model) if name.endswith("compile") else model
-    x = torch.randn(tokens, SHAPES["q"][1], device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    g = None
+    x = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16)
 
     def step():
-        nonlocal g
-        y = forward(x)
-        if g is None:
-            g = torch.randn_like(y)
-        y.backward(g)
+        forward(x).backward(g)
         x.grad = None
+    return step
 
-    return _time(step, steps)
 
-
-def matmul_arm(dtype: str, tokens: int, steps: int) -> float:
+def matmul_step(name: str, tokens: int):
     """The 14 GEMMs of the layer (y = x W^T and dx = dy W per linear), nothing else."""
-    ops = []
+    ops, fast = [], name.endswith("-fast")
     for out_f, in_f in SHAPES.values():
         x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
         dy = torch.randn(tokens, out_f, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16)
-        if dtype == "bf16":
+        if name == "mm-bf16":
             ops += [lambda x=x, w=w: x @ w.t(), lambda dy=dy, w=w: dy @ w]
-        else:
-            one = torch.ones((), device="cuda")
-            xq, dyq, wq = x.to(FP8), dy.to(FP8), w.to(FP8)
-            wt = wq.t().contiguous().t()
-            ops += [lambda a=xq, b=wq.t(): torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
-                    lambda a=dyq, b=wt: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)]
-    return _time(lambda: [op() for op in ops], steps)
+            continue
+        xs, ws = torch.ones(tokens, 1, device="cuda"), torch.ones(1, out_f, device="cuda")
+        gs, ones = torch.ones(tokens, 1, device="cuda"), torch.ones(1, in_f, device="cuda")
+        xq, dyq, wq = x.to(FP8), dy.to(FP8), w.to(FP8)
+        wt = wq.t().contiguous().t()
+        ops += [lambda a=xq, b=wq.t(), s=xs, t=ws: torch._scaled_mm(a, b, scale_a=s, scale_b=t, out_dtype=torch.bfloat16,
+                                                                    use_fast_accum=fast),
+                lambda a=dyq, b=wt, s=gs, t=ones: torch._scaled_mm(a, b, scale_a=s, scale_b=t, out_dtype=torch.bfloat16)]
+    return lambda: [op() for op in ops]
+
+
+def profile(step, label: str) -> str:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    return f"### {label}: CUDA kernels, 5 steps\n\n```\n" + \
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70) + "\n```\n"
 
 
 def main() -> None:
@@ -88,14 +114,21 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--arms", nargs="*", default=["mm-bf16", "mm-fp8", "bf16", "fp8", "bf16-compile", "fp8-compile",
-                                                       "fp8-fast-compile"])
+    ap.add_argument("--arms", nargs="*", default=["mm-bf16", "mm-fp8", "mm-fp8-fast", "bf16", "fp8", "bf16-compile",
+                                                  "fp8-compile", "fp8-fast-compile", "fp8-fastall-compile",
+                                                  "fp8-fast-mk-compile"])
+    ap.add_argument("--profile", nargs="*", default=[], help="arms whose kernels to list")
     args = ap.parse_args()
-    ms = {}
+    ms, profiles = {}, []
     for name in args.arms:
-        kind = name.removeprefix("mm-")
-        ms[name] = matmul_arm(kind, args.tokens, args.steps) if name.startswith("mm-") else \
-            layer_arm(name, args.tokens, args.steps)
+        try:
+            step = matmul_step(name, args.tokens) if name.startswith("mm-") else layer_step(name, args.tokens)
+            ms[name] = _time(step, args.steps)
+            if name in args.profile:
+                profiles.append(profile(step, name))
+        except Exception as e:  # noqa: BLE001 - an arm that fails is reported, the others still run
+            print(f"{name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
         print(f"{name}: {ms[name]:.3f} ms", flush=True)
         torch._dynamo.reset()
         torch.cuda.empty_cache()
@@ -108,13 +141,13 @@ def main() -> None:
              "| arm | ms | TFLOP/s |", "| --- | --- | --- |"]
     lines += [f"| {n} | {t:.3f} | {flops / t / 1e9:.0f} |" for n, t in ms.items()]
     lines.append("")
-    for fp8, bf16 in (("fp8-compile", "bf16-compile"), ("fp8-fast-compile", "bf16-compile"), ("fp8", "bf16"),
-                      ("mm-fp8", "mm-bf16")):
+    for fp8, bf16 in (("fp8-compile", "bf16-compile"), ("fp8-fast-compile", "bf16-compile"),
+                      ("fp8-fastall-compile", "bf16-compile"), ("fp8-fast-mk-compile", "bf16-compile"),
+                      ("fp8", "bf16"), ("mm-fp8", "mm-bf16"), ("mm-fp8-fast", "mm-bf16")):
         if fp8 in ms and bf16 in ms:
-            key = "fp8_linear_speedup_vs_bf16" if fp8 == "fp8-compile" else f"{fp8}_vs_{bf16}"
-            lines.append(f"{key}: {ms[bf16] / ms[fp8]:.2f}")
+            lines.append(f"{fp8}_vs_{bf16}: {ms[bf16] / ms[fp8]:.2f}")
     with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(lines + [""] + profiles) + "\n")
     print(json.dumps(ms))
 
 

@@ -20,9 +20,10 @@ from runner.spec import BITSANDBYTES
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
-# The forward matmul's accumulation: cuBLASLt's fast fp8 accumulation (torchao's default for the forward, not
-# for gradients) when True. bench/fp8_linear.py measures both.
+# cuBLASLt's fast fp8 accumulation, for the forward matmul (torchao's default) and the input-gradient one (not
+# torchao's default). bench/fp8_linear.py measures each.
 FAST_ACCUM = False
+FAST_ACCUM_BACKWARD = False
 
 
 def _replace(layer: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
@@ -66,7 +67,8 @@ class _Fp8FrozenMatmul(torch.autograd.Function):
         gq, gs = _rowwise_fp8(_pad_rows(rows * scale.t().to(grad.dtype)))
         ones = torch.ones(1, weight.shape[1], device=weight.device, dtype=torch.float32)
         column_major = weight.t().contiguous().t()  # one layer's weight at a time, 1 byte per weight
-        dx = torch._scaled_mm(gq, column_major, scale_a=gs, scale_b=ones, out_dtype=grad.dtype)
+        dx = torch._scaled_mm(gq, column_major, scale_a=gs, scale_b=ones, out_dtype=grad.dtype,
+                               use_fast_accum=FAST_ACCUM_BACKWARD)
         return dx[: rows.shape[0]].reshape(*grad.shape[:-1], weight.shape[1]), None, None
 
 
