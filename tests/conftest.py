@@ -1,4 +1,5 @@
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -129,9 +130,9 @@ def mlflow_server(tmp_path):
 
 
 @pytest.fixture()
-def s3_bucket(tmp_path):
+def s3_server(tmp_path):
     """An S3-compatible server (moto_server) on 127.0.0.1, stopped by PID: (output_dir URI for pyarrow and
-    Ray Train, the credentials env). pyarrow creates the bucket on the first write."""
+    Ray Train, the credentials env, the server's process). pyarrow creates the bucket on the first write."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -148,12 +149,19 @@ def s3_bucket(tmp_path):
     env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_EC2_METADATA_DISABLED": "true"}
     uri = (f"s3://fitrun/{tmp_path.name}/out?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
            "&allow_bucket_creation=true")
-    yield uri, env
+    yield uri, env, proc
+    proc.send_signal(signal.SIGCONT)  # a test may have paused it
     proc.terminate()
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture()
+def s3_bucket(s3_server):
+    """(output_dir URI, credentials env) of `s3_server`."""
+    return s3_server[:2]
 
 
 # The tiny job through the CLI, as a user runs it (test_train_ray, test_parallel).

@@ -1,5 +1,6 @@
 """Issue 26: faults a long run meets, each on the real component: a checkpoint torn after it was written, a
-disk that fills during a save (a real tmpfs of a few MiB), an out-of-memory error mid-run."""
+disk that fills during a save (a real tmpfs of a few MiB), an object store that stops answering during a save
+(moto_server, paused), an out-of-memory error mid-run."""
 
 from __future__ import annotations
 
@@ -140,3 +141,59 @@ def test_on_oom_fail_keeps_the_failure(root, tmp_path):
     assert out.returncode != 0 and "OutOfMemoryError" in log and "going on with" not in log
     _, run = _history(tmp_path)
     assert run.info.status == "FAILED"
+
+
+def test_an_object_store_that_stops_answering_during_a_save(root, tmp_path, s3_server, monkeypatch):
+    """output_dir in an object store (moto_server) that stops answering (SIGSTOPped) once the first checkpoint
+    (step 4) is registered, until the failed save is on record: the save at step 8 fails, says so and training goes
+    on; the previous checkpoint stays the latest; the store answers again and the run finishes with its final
+    checkpoint, one MLflow run, each step logged once, no partial checkpoint left."""
+    import signal as signals
+
+    import pyarrow.fs
+
+    from runner.storage import Location
+
+    uri, credentials, server = s3_server
+    for key, value in credentials.items():
+        monkeypatch.setenv(key, value)
+    run_dir = Location(uri) / "ray" / "tiny-cpu"
+    args = ["--set", f"output_dir={uri}", "--set", "training.max_steps=16", "--set", "training.save_steps=4",
+            "--set", "training.logging_steps=1"]
+    events: list[str] = []
+
+    def pause_until_a_save_fails():
+        deadline = time.time() + 300
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
+        while time.time() < deadline:
+            try:
+                if "checkpoint_000004" in snapshot.read_text():
+                    break
+            except (OSError, pyarrow.lib.ArrowException):
+                pass
+            time.sleep(0.2)
+        server.send_signal(signals.SIGSTOP)
+        events.append("paused")
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        try:
+            while time.time() < deadline:
+                runs = client.search_runs([client.get_experiment_by_name("fitrun-tiny").experiment_id])
+                if runs and "fitrun.checkpoint_error" in runs[0].data.tags:
+                    events.append("failed save recorded")
+                    break
+                time.sleep(0.5)
+        finally:
+            server.send_signal(signals.SIGCONT)
+
+    pausing = threading.Thread(target=pause_until_a_save_fails, daemon=True)
+    pausing.start()
+    done = fitrun_train(root, tmp_path, *args, env={"FITRUN_STEP_DELAY_S": "1.0"})
+    pausing.join()
+    log = done.stdout + done.stderr
+    assert events == ["paused", "failed save recorded"] and done.returncode == 0, log[-3000:]
+    assert "warning: checkpoint at step 8 could not be written to" in log and "training goes on" in log
+    steps, run = _history(tmp_path)
+    assert steps == list(range(1, 17)) and run.info.status == "FINISHED"
+    assert "step 8 could not be written" in run.data.tags["fitrun.checkpoint_error"]
+    names = run_dir.names("checkpoint_0")
+    assert "checkpoint_000016" in names and "checkpoint_000008" not in names, names
