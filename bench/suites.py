@@ -42,6 +42,14 @@ def _l4_budget_gib() -> float:
     return round(allocator_budget_gib(cards["L4"], cards), 3)
 
 
+def _before() -> str:
+    """The commit unpacked in `.before/` (its `.commit` file, written beside `git archive`), for the notes."""
+    from harness import ROOT
+
+    marker = ROOT / ".before" / ".commit"
+    return marker.read_text().strip() if marker.exists() else "0969317"
+
+
 SUITES = {
     # Issue 25's ratio, honest: the 24 GB class's shipped job (the L4 job, under the L4's budget) against the
     # seed recipe (HF Trainer + gradient checkpointing, bf16, r16, micro-batch 1 x 16) under the same
@@ -60,18 +68,18 @@ SUITES = {
     # Issue 26: estimate vs measured peak reserved on random valid lever combinations, 3 steps each (memory
     # only: arms may share the card).
     "estimate-random": _random_arms(),
-    # Issue 22: behaviour unchanged by the restructure. `.before/` holds `git archive` of the commit before
-    # it (0969317), carried to the device untracked; the same job file, 10 steps, one arm at a time.
+    # Behaviour and speed unchanged by a change. `.before/` holds `git archive` of the commit before it (and its
+    # hash in `.before/.commit`), carried to the device untracked; the same job file, 10 steps, one arm at a time.
     "structure": [
         Arm(name="before-24gb", kind="fitrun", job="jobs/llama3-8b-lora-24gb.yaml", tree=".before",
-            sets=RANDOM + ("training.max_steps=10",), note="commit 0969317, before the restructure"),
+            sets=RANDOM + ("training.max_steps=10", "training.save_steps=5"), note=f"commit {_before()}, before the change"),
         Arm(name="after-24gb", kind="fitrun", job="jobs/llama3-8b-lora-24gb.yaml", baseline="before-24gb",
-            sets=RANDOM + ("training.max_steps=10",), note="this commit"),
+            sets=RANDOM + ("training.max_steps=10", "training.save_steps=5"), note="this commit"),
     ],
     # The tiny job on the CPU, before and after: its losses and tokens/s.
     "structure-tiny": [
         Arm(name="before-tiny", kind="fitrun", job="jobs/tiny-cpu.yaml", tree=".before",
-            sets=("training.max_steps=10", "training.logging_steps=1"), note="commit 0969317"),
+            sets=("training.max_steps=10", "training.logging_steps=1"), note=f"commit {_before()}"),
         Arm(name="after-tiny", kind="fitrun", job="jobs/tiny-cpu.yaml", baseline="before-tiny",
             sets=("training.max_steps=10", "training.logging_steps=1"), note="this commit"),
     ],
