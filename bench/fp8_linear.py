@@ -6,6 +6,7 @@ fp8 (runner/quant.py), eager and under torch.compile, and the bare matmuls as th
   fp8-fast-compile           the same, the forward with cuBLASLt's fast fp8 accumulation
   fp8-fastall-compile        fast accumulation in the input-gradient matmul too
   fp8-fast-mk-compile        fp8-fast-compile with inductor's multi-kernel (one-pass row reductions allowed)
+  fp8-triton[-fast]-compile  row-wise quantization by runner/fp8_kernels.py (one pass per row)
   mm-bf16 / mm-fp8 / mm-fp8-fast   the 14 matmuls alone (7 forward, 7 input-gradient), operands prepared once
 
 The seven linears are chained as in the layer (q, k, v read the input; o reads q plus k and v repeated to its
@@ -64,6 +65,7 @@ def layer_step(name: str, tokens: int):
     if name.startswith("fp8"):
         runner.quant.FAST_ACCUM = "-fast" in name
         runner.quant.FAST_ACCUM_BACKWARD = "-fastall" in name
+        runner.quant.ROWWISE = "triton" if "-triton" in name else "torch"
         for n in list(model.proj):
             model.proj[n] = runner.quant.Fp8Linear(model.proj[n])
     torch._inductor.config.triton.multi_kernel = 1 if "-mk" in name else 0
@@ -97,6 +99,21 @@ def matmul_step(name: str, tokens: int):
     return lambda: [op() for op in ops]
 
 
+def kernel_check() -> str:
+    """runner/fp8_kernels.py against runner.quant's torch expression on a gradient-like tensor: the largest
+    difference after dequantizing, relative to the row's maximum."""
+    from runner.fp8_kernels import rowwise_fp8
+    from runner.quant import _rowwise_fp8
+
+    x = torch.randn(4096, INTER, device="cuda", dtype=torch.bfloat16)
+    col = torch.rand(INTER, device="cuda") + 0.5
+    q, s = rowwise_fp8(x, col)
+    rq, rs = _rowwise_fp8(x * col.to(x.dtype))
+    a, b = q.float() * s, rq.float() * rs
+    rel = ((a - b).abs().amax(dim=1) / b.abs().amax(dim=1)).max().item()
+    return f"max row-relative difference {rel:.4f} (fp8 e4m3 step: 0.0625)"
+
+
 def profile(step, label: str) -> str:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -114,12 +131,15 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--arms", nargs="*", default=["mm-bf16", "mm-fp8", "mm-fp8-fast", "bf16", "fp8", "bf16-compile",
+    ap.add_argument("--arms", nargs="*", default=["mm-bf16", "mm-fp8", "mm-fp8-fast", "bf16-compile",
                                                   "fp8-compile", "fp8-fast-compile", "fp8-fastall-compile",
-                                                  "fp8-fast-mk-compile"])
+                                                  "fp8-fast-mk-compile", "fp8-triton-compile",
+                                                  "fp8-triton-fast-compile"])
     ap.add_argument("--profile", nargs="*", default=[], help="arms whose kernels to list")
     args = ap.parse_args()
     ms, profiles = {}, []
+    if any("triton" in a for a in args.arms):
+        print(f"triton kernel vs torch expression: {kernel_check()}", flush=True)
     for name in args.arms:
         try:
             step = matmul_step(name, args.tokens) if name.startswith("mm-") else layer_step(name, args.tokens)
@@ -143,6 +163,7 @@ def main() -> None:
     lines.append("")
     for fp8, bf16 in (("fp8-compile", "bf16-compile"), ("fp8-fast-compile", "bf16-compile"),
                       ("fp8-fastall-compile", "bf16-compile"), ("fp8-fast-mk-compile", "bf16-compile"),
+                      ("fp8-triton-compile", "bf16-compile"), ("fp8-triton-fast-compile", "bf16-compile"),
                       ("fp8", "bf16"), ("mm-fp8", "mm-bf16"), ("mm-fp8-fast", "mm-bf16")):
         if fp8 in ms and bf16 in ms:
             lines.append(f"{fp8}_vs_{bf16}: {ms[bf16] / ms[fp8]:.2f}")

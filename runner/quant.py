@@ -24,6 +24,9 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 # torchao's default). bench/fp8_linear.py measures each.
 FAST_ACCUM = False
 FAST_ACCUM_BACKWARD = False
+# Row-wise quantization of activations and gradients: "torch" (an expression torch.compile fuses) or "triton"
+# (runner/fp8_kernels.py: one pass per row; CUDA only). bench/fp8_linear.py measures both.
+ROWWISE = "torch"
 
 
 def _replace(layer: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
@@ -41,6 +44,15 @@ def _rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, inverse.float().reciprocal()
 
 
+def _quantize_rows(t: torch.Tensor, column_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`t` (times `column_scale` per column, if given) in fp8 with one scale per row, by ROWWISE's kernel."""
+    if ROWWISE == "triton" and t.is_cuda:
+        from runner.fp8_kernels import rowwise_fp8
+
+        return rowwise_fp8(t, column_scale)
+    return _rowwise_fp8(t if column_scale is None else t * column_scale.to(t.dtype))
+
+
 def _pad_rows(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
     """fp8 matmuls need row counts divisible by 16 (a ragged unpacked micro-batch may not be)."""
     pad = -t.shape[0] % multiple
@@ -55,7 +67,7 @@ class _Fp8FrozenMatmul(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight, scale)
         rows = x.reshape(-1, x.shape[-1])
-        xq, xs = _rowwise_fp8(_pad_rows(rows))
+        xq, xs = _quantize_rows(_pad_rows(rows))
         # _scaled_mm takes its second operand column-major: W (out, in) row-major transposed is.
         y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.t(), out_dtype=x.dtype, use_fast_accum=FAST_ACCUM)
         return y[: rows.shape[0]].reshape(*x.shape[:-1], weight.shape[0])
@@ -64,7 +76,7 @@ class _Fp8FrozenMatmul(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         weight, scale = ctx.saved_tensors
         rows = grad.reshape(-1, grad.shape[-1])
-        gq, gs = _rowwise_fp8(_pad_rows(rows * scale.t().to(grad.dtype)))
+        gq, gs = _quantize_rows(_pad_rows(rows), scale.reshape(-1))
         ones = torch.ones(1, weight.shape[1], device=weight.device, dtype=torch.float32)
         column_major = weight.t().contiguous().t()  # one layer's weight at a time, 1 byte per weight
         dx = torch._scaled_mm(gq, column_major, scale_a=gs, scale_b=ones, out_dtype=grad.dtype,
