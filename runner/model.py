@@ -206,12 +206,30 @@ def build_base(spec: ModelSpec, device: torch.device, vocab_size: int | None = N
         torch.manual_seed(seed)
         with torch.device(device):
             base = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=spec.attn_implementation)
+        if channels := int(os.environ.get("FITRUN_RANDOM_OUTLIERS", "0")):
+            add_outlier_channels(base, channels, seed=seed)
     else:
         base = AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=dtype, device_map={"": device},
                                                     attn_implementation=spec.attn_implementation,
                                                     quantization_config=bnb_config(spec.quantization, dtype))
     base.config.use_cache = False
     return base
+
+
+def add_outlier_channels(base: torch.nn.Module, channels: int, factor: float = 100.0, seed: int = 0) -> None:
+    """Give a random-init Llama base the outlier input channels real ones have (a few channels of each linear's
+    input ~100x the rest, from large RMSNorm weights on them) without changing what it computes: each decoder
+    layer's two norms scale `channels` fixed channels by `factor`, and the linears that read their output divide
+    those input columns by it. A stress case for quantized bases (FITRUN_RANDOM_OUTLIERS=N in a dry run)."""
+    picked = torch.randperm(base.config.hidden_size, generator=torch.Generator().manual_seed(seed))[:channels]
+    with torch.no_grad():
+        for layer in decoder_layers(base):
+            attn, mlp = layer.self_attn, layer.mlp
+            for norm, readers in ((layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
+                                  (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))):
+                norm.weight[picked.to(norm.weight.device)] *= factor
+                for linear in readers:
+                    linear.weight[:, picked.to(linear.weight.device)] /= factor
 
 
 def wrap_lora(base: torch.nn.Module, lora: LoraSpec, seed: int = 0) -> PeftModel:

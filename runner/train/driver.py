@@ -23,7 +23,7 @@ from runner.train.worker import Probe, train_loop_per_worker
 
 SPEC_FILE = "job.resolved.json"  # the spec a run started with: a resume must match it
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
-TEST_HOOKS = ("FITRUN_STEP_DELAY_S", "FITRUN_CRASH_AFTER_STEP", "FITRUN_OOM_AT_STEP")
+TEST_HOOKS = ("FITRUN_STEP_DELAY_S", "FITRUN_CRASH_AFTER_STEP", "FITRUN_OOM_AT_STEP", "FITRUN_RANDOM_OUTLIERS")
 
 
 def worker_env() -> dict[str, str]:
