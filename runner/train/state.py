@@ -48,26 +48,35 @@ def write_manifest(directory: Path) -> None:
     tmp.rename(directory / MANIFEST)
 
 
+def _manifest_problem(manifest_text, size_of, digest_of=None) -> str | None:
+    """Why a checkpoint fails its manifest: `manifest_text()` (None when absent), `size_of(name)` (None when
+    the file is missing) and, if given, `digest_of(name)`. None when every file matches."""
+    text = manifest_text()
+    if text is None:
+        return f"no {MANIFEST} (its write did not finish)"
+    try:
+        files = json.loads(text)["files"]
+    except (ValueError, KeyError) as e:
+        return f"{MANIFEST} unreadable ({e})"
+    for name, want in files.items():
+        size = size_of(name)
+        if size is None:
+            return f"{name} missing"
+        if size != want["bytes"]:
+            return f"{name} has {size:,} bytes, its manifest says {want['bytes']:,}"
+        if digest_of is not None and digest_of(name) != want["sha256"]:
+            return f"{name} differs from its manifest's SHA-256"
+    return None
+
+
 def checkpoint_problem(directory: Path) -> str | None:
     """Why the checkpoint in `directory` cannot be trusted (missing manifest, a file missing, short or
     changed), or None when every file matches its manifest."""
     directory = Path(directory)
-    manifest = directory / MANIFEST
-    if not manifest.is_file():
-        return f"no {MANIFEST} (its write did not finish)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as e:
-        return f"{MANIFEST} unreadable ({e})"
-    for name, want in files.items():
-        path = directory / name
-        if not path.is_file():
-            return f"{name} missing"
-        if (size := path.stat().st_size) != want["bytes"]:
-            return f"{name} has {size:,} bytes, its manifest says {want['bytes']:,}"
-        if _digest(path) != want["sha256"]:
-            return f"{name} differs from its manifest's SHA-256"
-    return None
+    return _manifest_problem(
+        lambda: (directory / MANIFEST).read_text() if (directory / MANIFEST).is_file() else None,
+        lambda name: (directory / name).stat().st_size if (directory / name).is_file() else None,
+        lambda name: _digest(directory / name))
 
 
 def stored_checkpoint_problem(checkpoint) -> str | None:
@@ -75,19 +84,8 @@ def stored_checkpoint_problem(checkpoint) -> str | None:
     local or remote) without reading its files: what the driver says before a resume (the worker also checks
     the hashes)."""
     manifest = checkpoint / MANIFEST
-    if not manifest.exists():
-        return f"no {MANIFEST} (its write did not finish)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as e:
-        return f"{MANIFEST} unreadable ({e})"
-    for name, want in files.items():
-        size = (checkpoint / name).size()
-        if size is None:
-            return f"{name} missing"
-        if size != want["bytes"]:
-            return f"{name} has {size:,} bytes, its manifest says {want['bytes']:,}"
-    return None
+    return _manifest_problem(lambda: manifest.read_text() if manifest.exists() else None,
+                             lambda name: (checkpoint / name).size())
 
 
 def gather_state(state: dict) -> dict:
