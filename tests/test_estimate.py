@@ -103,6 +103,7 @@ def test_a_few_traced_layers_replay_the_full_trace_exactly(root, monkeypatch, te
     short, full = estimate(spec, "cuda"), estimate(spec, "cuda", trace_all_layers=True)
     assert short.components_gib == full.components_gib
     assert (short.peak_allocated_gib, short.peak_reserved_gib) == (full.peak_allocated_gib, full.peak_reserved_gib)
+    assert short.step_flops == full.step_flops > 0  # the FLOPs replay exactly too
 
 
 def test_ten_layer_estimate_within_5pct_of_measured(root, monkeypatch, ten_layer_model):
@@ -112,3 +113,26 @@ def test_ten_layer_estimate_within_5pct_of_measured(root, monkeypatch, ten_layer
     predicted = estimate(spec, "cpu").peak_gib
     measured, _ = measure_in_process(spec)
     assert abs(predicted - measured) / measured <= 0.05, (predicted, measured)
+
+
+@pytest.mark.parametrize("sets", [[], ["activation_checkpointing.count=4"], ["activation_checkpointing.count=0",
+                                                                          "training.micro_batch_size=2"]])
+def test_the_estimates_flops_are_a_real_steps(root, monkeypatch, sets):
+    """The estimate's FLOPs per micro-batch (matmuls and attention, recompute included, counted on the fake
+    trace) equal torch's FlopCounterMode over a real forward + backward of the same model on the CPU (packed
+    rows: causal attention, no mask)."""
+    import torch
+    from conftest import tiny_batch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from runner.model import build_trainable
+
+    monkeypatch.chdir(root)
+    spec = load_job("jobs/tiny-cpu.yaml", ["data.packing=true", *sets])
+    trainable = build_trainable(spec, torch.device("cpu"))
+    batch = tiny_batch(batch=spec.training.micro_batch_size, seq=spec.data.sequence_len)
+    with FlopCounterMode(display=False) as counter:
+        trainable.net(batch["input_ids"], batch["labels"]).backward()
+    predicted = estimate(spec, "cpu")
+    assert predicted.step_flops == counter.get_total_flops() > 0
+    assert predicted.flops_per_token == predicted.step_flops / (spec.training.micro_batch_size * spec.data.sequence_len)

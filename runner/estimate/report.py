@@ -25,6 +25,9 @@ def format_table(est: Estimate, ceiling_gib: float | None) -> str:
         margin = ceiling_gib - est.peak_gib
         verdict = "fits" if margin >= 0 else "does NOT fit"
         lines.append(f"ceiling {ceiling_gib:.2f} GiB: {verdict} (margin {margin:+.2f} GiB)")
+    if est.step_flops:
+        lines.append(f"compute: {est.flops_per_token / 1e9:.2f} GFLOP per token position (matmuls and attention: "
+                     "forward, backward and recompute)")
     if est.unmodelled:
         lines.append(f"note: not modelled to 3% for this lever combination: {est.unmodelled}; measure it "
                      "(`fitrun tune` measures such configs instead of pruning them by this estimate)")

@@ -23,6 +23,8 @@ import torch
 from peft import PeftModel
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
 
 from runner.memory import GIB, TensorMemory
 from runner.model import Trainable, build_trainable, model_config, resolve_dtype
@@ -68,6 +70,44 @@ QUANTIZED_BYTES_PER_WEIGHT = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0,
 TRANSIENT_BYTES_PER_WEIGHT = {"nf4": None, "int8": None, "fp8": 1.0}  # None: the model dtype's
 
 
+def _count_cpu_attention() -> None:
+    """FlopCounterMode knows the CUDA attention kernels, not the CPU flash kernel the fake-tensor trace dispatches
+    to: count it the same way, halved when causal (a causal kernel skips the masked half). Backward: two matmuls
+    recomputed and three for the gradients, 2.5x the forward, as torch counts the CUDA ones."""
+    aten = torch.ops.aten
+    forward, backward = aten._scaled_dot_product_flash_attention_for_cpu, \
+        aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if forward in flop_registry:
+        return
+
+    @register_flop_formula(forward)
+    def _forward(query, key, value, dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value) // (2 if is_causal else 1)
+
+    @register_flop_formula(backward)
+    def _backward(grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is_causal=False, *args,
+                  out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value) * 5 // (4 if is_causal else 2)
+
+
+_count_cpu_attention()
+
+
+class _Flops(TorchDispatchMode):
+    """FLOPs of the ops run under it, by torch's own formulas (`torch.utils.flop_counter`: matmuls, attention).
+    No module hooks (FlopCounterMode's would change what the byte trace sees); `_Timeline` cuts it by layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (formula := flop_registry.get(func._overloadpacket)) is not None:
+            self.total += formula(*args, **(kwargs or {}), out_val=out)
+        return out
+
+
 @dataclass
 class Estimate:
     target: str
@@ -77,6 +117,15 @@ class Estimate:
     peak_reserved_gib: float = 0.0
     unmodelled: str | None = None
     """Why this lever combination is not modelled to 3% on CUDA (`unmodelled_reason`), or None."""
+    step_flops: float = 0.0
+    """Floating-point operations of one micro-batch's forward + backward (recompute included) at full depth:
+    matmuls and attention by torch's formulas (`_Flops`), replayed from the traced layers as the bytes are."""
+    tokens: int = 0
+    """Token positions per micro-batch (micro_batch_size x sequence_len)."""
+
+    @property
+    def flops_per_token(self) -> float:
+        return self.step_flops / self.tokens if self.tokens else 0.0
 
     @property
     def modelled(self) -> bool:
@@ -88,7 +137,8 @@ class Estimate:
         return self.peak_reserved_gib
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "peak_gib": self.peak_gib, "modelled": self.modelled}
+        return {**asdict(self), "peak_gib": self.peak_gib, "modelled": self.modelled,
+                "flops_per_token": self.flops_per_token}
 
 
 # Lever combinations the CUDA estimate is not modelled for to 3%, from 21 random valid combinations measured on
@@ -157,8 +207,9 @@ class _Timeline:
     start, its peak, its end). Cut at the calls, a layer's segment frees what the model loop lets go
     of once that layer has run, so it depends on that layer's kind alone."""
 
-    def __init__(self, memory: TensorMemory, layers: list[torch.nn.Module]):
+    def __init__(self, memory: TensorMemory, layers: list[torch.nn.Module], flops: _Flops):
         self.memory, self.segments, self.in_backward, self.depth = memory, {}, False, len(layers)
+        self.flops, self.segment_flops, self._flops_start = flops, {}, flops.total
         self._handles = []
         for j, layer in enumerate(layers):
             self._handles.append(layer.register_forward_pre_hook(partial(self._before_layer, j)))
@@ -169,6 +220,7 @@ class _Timeline:
     def cut(self, label) -> None:
         self.segments[label] = (self._start, self.memory.peak, self.memory.current)
         self._start = self.memory.current
+        self.segment_flops[label], self._flops_start = self.flops.total - self._flops_start, self.flops.total
         self.memory.reset_peak()
 
     def _before_layer(self, j: int, module, args) -> None:
@@ -190,13 +242,15 @@ class _Timeline:
             current, peak = current + end - begin, max(peak, current + top - begin)
         return current, peak
 
-    def replay(self, sources: list[int], extra_bytes: int) -> tuple[int, int, int]:
-        """(bytes live after the forward, the forward's peak, the step's peak) of the full model, whose
-        layer i behaves as traced layer sources[i]; `extra_bytes`: the untraced layers' parameters."""
+    def replay(self, sources: list[int], extra_bytes: int) -> tuple[int, int, int, int]:
+        """(bytes live after the forward, the forward's peak, the step's peak, the step's FLOPs) of the full
+        model, whose layer i behaves as traced layer sources[i]; `extra_bytes`: the untraced layers' parameters."""
         start = self.segments["prelude"][0] + extra_bytes
-        after_forward, forward_peak = self._play(["prelude", *[("forward", j) for j in sources]], start, start)
+        forward = ["prelude", *[("forward", j) for j in sources]]
+        after_forward, forward_peak = self._play(forward, start, start)
         backward = ["head_backward", *[("backward", j) for j in reversed(sources[1:])], ("backward", 0)]
-        return after_forward, forward_peak, self._play(backward, after_forward, forward_peak)[1]
+        flops = sum(self.segment_flops[label] for label in forward + backward)
+        return after_forward, forward_peak, self._play(backward, after_forward, forward_peak)[1], flops
 
 
 @contextmanager
@@ -238,6 +292,7 @@ class _Trace:
     after_forward: int
     forward_peak: int
     peak: int
+    flops: float = 0.0         # the step's FLOPs at full depth
 
     def full_bytes(self, select) -> int:
         """Bytes of the tensors `select(module)` yields, over the full model (untraced layers are
@@ -269,8 +324,9 @@ def _trace(spec: JobSpec, target: str, layers: list[int] | None, trace_all_layer
         # Unpacked data is padded: a mask changes the attention path (and what it saves).
         mask = None if spec.data.packing else torch.ones(b, s, dtype=torch.long).index_fill_(1, torch.tensor([s - 1]), 0)
         memory = TensorMemory(list(built.model.parameters()))
-        timeline = _Timeline(memory, decoder_layers(built.model))
-        with memory, sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]), \
+        flops = _Flops()
+        timeline = _Timeline(memory, decoder_layers(built.model), flops)
+        with memory, flops, sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]), \
                 (_as_eager_run() if mask is None else nullcontext()):
             loss = built.net(input_ids=ids, labels=ids, attention_mask=mask)
             timeline.cut(("forward", timeline.depth - 1))  # the last layer, the head and the loss
@@ -281,6 +337,7 @@ def _trace(spec: JobSpec, target: str, layers: list[int] | None, trace_all_layer
     untraced = num_layers - len(keep)
     per_layer = sum(p.numel() * p.element_size() for p in decoder_layers(built.model)[0].parameters())
     return _Trace(built.model, layers, untraced, *timeline.replay(sources, untraced * per_layer))
+
 
 
 def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None = None,
@@ -358,7 +415,7 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
     return Estimate(target=target, num_checkpointed_layers=len(layers),
                     components_gib={k: v / GIB for k, v in components.items()},
                     peak_allocated_gib=allocated / GIB, peak_reserved_gib=(allocated + overhead) / GIB,
-                    unmodelled=unmodelled(spec, target))
+                    unmodelled=unmodelled(spec, target), step_flops=trace.flops, tokens=b * s)
 
 
 def _int8_kept(model, num_layers: int, recomputed: int, token_bytes: int, compiled: bool) -> float:
@@ -397,7 +454,8 @@ def interpolate_k(traced: dict[int, Estimate], ks: list[int]) -> dict[int, Estim
                                           for n in a.components_gib},
                           peak_allocated_gib=a.peak_allocated_gib * (1 - w) + c.peak_allocated_gib * w,
                           peak_reserved_gib=a.peak_reserved_gib * (1 - w) + c.peak_reserved_gib * w,
-                          unmodelled=a.unmodelled)
+                          unmodelled=a.unmodelled, step_flops=a.step_flops * (1 - w) + c.step_flops * w,
+                          tokens=a.tokens)
     return out
 
 
