@@ -3,9 +3,13 @@
 Each program reads one row once: it optionally multiplies it by a per-column scale (the backward folds the
 weight's row scales into the gradient), takes the row's absolute maximum, and writes the row in float8 e4m3
 with one fp32 scale (row ~= q * scale). The row stays in registers, so the tensor is read once and written
-once; torch.compile's own kernel for the same expression reads each row twice when rows are long (4,096 and
-14,336 wide in the 8B). Registered as a `torch.library.triton_op`, so torch.compile keeps it in its graph.
-Needs CUDA and Triton; `available()` says whether it can run.
+once, where torch.compile's looped reduction over long rows (4,096 and 14,336 wide in the 8B) reads it twice.
+Registered as a `torch.library.triton_op`, so torch.compile keeps it in its graph. Needs CUDA and Triton.
+
+Measured slower than compile's own fusion on one 8B layer (bench/results/fp8-linear-2026-12-06.md: 1.44x bf16
+against 1.49x): as an opaque op it is called for each of the 14 matmul inputs, where compile quantizes the input
+q, k and v share (and gate and up) once. So `runner.quant.ROWWISE` keeps "torch"; this is the starting point
+for a kernel that also takes those shared inputs once.
 """
 
 from typing import Optional
@@ -20,10 +24,6 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the torch expression in runner.quant is used
     triton = None
-
-
-def available() -> bool:
-    return triton is not None and torch.cuda.is_available()
 
 
 if triton is not None:
