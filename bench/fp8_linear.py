@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import sys
 
 import torch
 
-HIDDEN, INTER, KV = 4096, 14336, 1024
-SHAPES = {"q": (HIDDEN, HIDDEN), "k": (KV, HIDDEN), "v": (KV, HIDDEN), "o": (HIDDEN, HIDDEN),
-          "gate": (INTER, HIDDEN), "up": (INTER, HIDDEN), "down": (HIDDEN, INTER)}
+sys.path.insert(0, "bench")
+from torchao_fp8 import HIDDEN, INTER, KV, SHAPES  # noqa: E402 - one 8B layer's linears, as that bench has them
+
 FP8 = torch.float8_e4m3fn
 
 

@@ -222,14 +222,15 @@ def add_outlier_channels(base: torch.nn.Module, channels: int, factor: float = 1
     layer's two norms scale `channels` fixed channels by `factor`, and the linears that read their output divide
     those input columns by it. A stress case for quantized bases (FITRUN_RANDOM_OUTLIERS=N in a dry run)."""
     picked = torch.randperm(base.config.hidden_size, generator=torch.Generator().manual_seed(seed))[:channels]
+    picked = picked.to(next(base.parameters()).device)
     with torch.no_grad():
         for layer in decoder_layers(base):
             attn, mlp = layer.self_attn, layer.mlp
             for norm, readers in ((layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
                                   (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))):
-                norm.weight[picked.to(norm.weight.device)] *= factor
+                norm.weight[picked] *= factor
                 for linear in readers:
-                    linear.weight[:, picked.to(linear.weight.device)] /= factor
+                    linear.weight[:, picked] /= factor
 
 
 def wrap_lora(base: torch.nn.Module, lora: LoraSpec, seed: int = 0) -> PeftModel:

@@ -199,8 +199,13 @@ def status(submission_id: str, address: str | None, reason: bool = False) -> str
     info = _known(client(address), submission_id, address)
     state = str(info.status.value if hasattr(info.status, "value") else info.status)
     if reason and state == "FAILED" and info.message:
-        return f"{state}\n  Ray says: {info.message.strip()[-2000:]}"
+        return f"{state}\n  Ray says: {_ray_says(info)}"
     return state
+
+
+def _ray_says(info) -> str:
+    """Ray's own message on a job (its last 2,000 characters: a runtime-env failure carries a traceback)."""
+    return info.message.strip()[-2000:]
 
 
 def logs(submission_id: str, address: str | None, follow: bool) -> None:
@@ -211,7 +216,7 @@ def logs(submission_id: str, address: str | None, follow: bool) -> None:
         text = c.get_job_logs(submission_id)
         sys.stdout.write(text)
         if not text.strip() and info.message:
-            print(f"(no output from the job itself) Ray says: {info.message.strip()[-2000:]}")
+            print(f"(no output from the job itself) Ray says: {_ray_says(info)}")
         return
 
     async def tail():

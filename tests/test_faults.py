@@ -10,11 +10,14 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow
 import pytest
 import torch
 from conftest import fitrun_train
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
+
+from runner.storage import Location
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +57,20 @@ def test_a_torn_checkpoint_is_skipped_for_the_one_before(root, finished, tmp_pat
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
+def _when_registered(run_dir: Location, name: str, timeout_s: float = 300) -> None:
+    """Wait until Ray Train's snapshot in `run_dir` (local or in an object store) names checkpoint `name`: Ray
+    has registered it."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if name in snapshot.read_text():
+                return
+        except (OSError, pyarrow.lib.ArrowException):  # not written yet
+            pass
+        time.sleep(0.1)
+
+
 @pytest.fixture()
 def small_disk(tmp_path):
     """A real filesystem of 24 MiB (tmpfs), unmounted afterwards; skipped where mounting is not allowed."""
@@ -87,13 +104,10 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(root, tmp_path,
     Space freed, the same command resumes from step 4 and finishes, each step logged once."""
     args = ["--set", f"output_dir={small_disk}/out", "--set", "training.max_steps=10", "--set", "training.save_steps=4",
             "--set", "training.logging_steps=1"]
-    snapshot = small_disk / "out" / "ray" / "tiny-cpu" / "checkpoint_manager_snapshot.json"
     filler: list[Path] = []
 
-    def fill_after_first_checkpoint():  # once Ray has registered it (its snapshot names it)
-        deadline = time.time() + 300
-        while time.time() < deadline and "checkpoint_000004" not in (snapshot.read_text() if snapshot.exists() else ""):
-            time.sleep(0.1)
+    def fill_after_first_checkpoint():
+        _when_registered(Location(str(small_disk / "out" / "ray" / "tiny-cpu")), "checkpoint_000004")
         filler.append(_fill(small_disk))
 
     filling = threading.Thread(target=fill_after_first_checkpoint, daemon=True)
@@ -150,10 +164,6 @@ def test_an_object_store_that_stops_answering_during_a_save(root, tmp_path, s3_s
     checkpoint, one MLflow run, each step logged once, no partial checkpoint left."""
     import signal as signals
 
-    import pyarrow.fs
-
-    from runner.storage import Location
-
     uri, credentials, server = s3_server
     for key, value in credentials.items():
         monkeypatch.setenv(key, value)
@@ -163,15 +173,8 @@ def test_an_object_store_that_stops_answering_during_a_save(root, tmp_path, s3_s
     events: list[str] = []
 
     def pause_until_a_save_fails():
+        _when_registered(run_dir, "checkpoint_000004")
         deadline = time.time() + 300
-        snapshot = run_dir / "checkpoint_manager_snapshot.json"
-        while time.time() < deadline:
-            try:
-                if "checkpoint_000004" in snapshot.read_text():
-                    break
-            except (OSError, pyarrow.lib.ArrowException):
-                pass
-            time.sleep(0.2)
         server.send_signal(signals.SIGSTOP)
         events.append("paused")
         client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")

@@ -292,7 +292,7 @@ class _Trace:
     after_forward: int
     forward_peak: int
     peak: int
-    flops: float = 0.0         # the step's FLOPs at full depth
+    flops: int                 # the step's FLOPs at full depth
 
     def full_bytes(self, select) -> int:
         """Bytes of the tensors `select(module)` yields, over the full model (untraced layers are
@@ -337,7 +337,6 @@ def _trace(spec: JobSpec, target: str, layers: list[int] | None, trace_all_layer
     untraced = num_layers - len(keep)
     per_layer = sum(p.numel() * p.element_size() for p in decoder_layers(built.model)[0].parameters())
     return _Trace(built.model, layers, untraced, *timeline.replay(sources, untraced * per_layer))
-
 
 
 def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None = None,

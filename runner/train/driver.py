@@ -35,7 +35,8 @@ def worker_env() -> dict[str, str]:
             # On a busy 2-core machine a worker group can take over Ray's default 60 s to start.
             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"],
             **fail_fast(),  # a tracking server that is away costs a call one retry, not minutes
-            # the fault tests' hooks (runner/train/worker.py), to workers on any node
+            # the fault tests' hooks (runner/train/worker.py) and the outlier stress case (runner/model.py), to
+            # workers on any node
             **{k: os.environ[k] for k in TEST_HOOKS if k in os.environ},
             # MLflow credentials travel as MLflow's own variables, never inside a URI.
             **{k: os.environ[k] for k in CREDENTIAL_ENV if k in os.environ}}
