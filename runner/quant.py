@@ -156,21 +156,27 @@ def quantize_linear_layers(base: torch.nn.Module, quantization: str, device: tor
         for name, child in list(layer.named_modules()):
             if not isinstance(child, torch.nn.Linear):
                 continue
-            if quantization == "nf4":
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
-                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True)
-            else:
-                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
-                                        has_fp16_weights=False)
-                q.weight = bnb.nn.Int8Params(child.weight.data, requires_grad=False, has_fp16_weights=False)
-            if child.bias is not None:
-                q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
-            _replace(layer, name, q.to(device))  # bitsandbytes quantizes on the move
+            _replace(layer, name, bnb_linear(child, quantization, compute_dtype, device))  # quantized on the move
             del child
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the bf16 weights' blocks
     base.is_loaded_in_4bit, base.is_loaded_in_8bit = quantization == "nf4", quantization == "int8"
 
 
+def bnb_linear(child: torch.nn.Linear, quantization: str, compute_dtype: torch.dtype, device: torch.device):
+    """`child` as the bitsandbytes module of `quantization` (nf4: QLoRA's, double-quantized; int8: LLM.int8()),
+    quantized as it moves to `device`."""
+    import bitsandbytes as bnb
+
+    if quantization == "nf4":
+        q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+    else:
+        q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                has_fp16_weights=False)
+        q.weight = bnb.nn.Int8Params(child.weight.data, requires_grad=False, has_fp16_weights=False)
+    if child.bias is not None:
+        q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+    return q.to(device)

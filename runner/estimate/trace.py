@@ -93,18 +93,58 @@ def _count_cpu_attention() -> None:
 _count_cpu_attention()
 
 
+WORK_KEYS = ("flops", "gemm_flops", "attention_flops", "memory_bytes", "ops")
+"""What `_Flops` counts per segment: every FLOP torch's formulas know (matmuls and attention); of them, the
+compute-bound matmuls' and attention's; the bytes that every other kernel reads and writes (the skinny LoRA
+matmuls included: they are bound by memory, not tensor cores); and the kernels an eager step launches."""
+GEMM_MIN_INTENSITY = 64  # FLOPs per byte moved: below it a matmul is bound by memory (LoRA's rank-r factors)
+_METADATA_OPS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
+                 torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default,
+                 torch.ops.aten._unsafe_view.default}  # (no kernel: an allocation, a read of one value, a view)
+_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+              torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
+              torch.ops.aten._scaled_dot_product_flash_attention, torch.ops.aten._scaled_dot_product_flash_attention_backward,
+              torch.ops.aten._scaled_dot_product_efficient_attention,
+              torch.ops.aten._scaled_dot_product_efficient_attention_backward}
+
+
+def _tensor_bytes(tree) -> int:
+    return sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor))
+
+
 class _Flops(TorchDispatchMode):
-    """FLOPs of the ops run under it, by torch's own formulas (`torch.utils.flop_counter`: matmuls, attention).
-    No module hooks (FlopCounterMode's would change what the byte trace sees); `_Timeline` cuts it by layer."""
+    """The work of the ops run under it (`WORK_KEYS`): FLOPs by torch's own formulas (`torch.utils.flop_counter`:
+    matmuls, attention), bytes and kernel launches of the rest. No module hooks (FlopCounterMode's would change
+    what the byte trace sees); `_Timeline` cuts it by layer. The step-time model (`runner.estimate.speed`) prices it."""
 
     def __init__(self):
         super().__init__()
-        self.total = 0
+        self.work = dict.fromkeys(WORK_KEYS, 0)
+
+    @property
+    def total(self) -> int:
+        return self.work["flops"]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.is_view or func in _METADATA_OPS or func.namespace != "aten" or not _tensor_bytes(out):
+            return out
+        work = self.work
+        work["ops"] += 1
         if (formula := flop_registry.get(func._overloadpacket)) is not None:
-            self.total += formula(*args, **(kwargs or {}), out_val=out)
+            flops = formula(*args, **kwargs, out_val=out)
+            work["flops"] += flops
+            if func._overloadpacket in _ATTENTION:
+                work["attention_flops"] += flops
+                return out
+            moved = _tensor_bytes((args, kwargs, out))
+            if flops >= GEMM_MIN_INTENSITY * moved:
+                work["gemm_flops"] += flops
+                return out
+            work["memory_bytes"] += moved
+            return out
+        work["memory_bytes"] += _tensor_bytes((args, kwargs, out))
         return out
 
 
@@ -122,6 +162,10 @@ class Estimate:
     matmuls and attention by torch's formulas (`_Flops`), replayed from the traced layers as the bytes are."""
     tokens: int = 0
     """Token positions per micro-batch (micro_batch_size x sequence_len)."""
+    work: dict[str, float] = field(default_factory=dict)
+    """One micro-batch's work at full depth, what the step-time model prices (`runner.estimate.speed`):
+    `WORK_KEYS` from the trace, and the frozen linears' shape: `layer_linear_weights` (one decoder layer's frozen
+    linear weights), `num_layers`, `head_weights` (the output projection's)."""
 
     @property
     def flops_per_token(self) -> float:
@@ -209,7 +253,7 @@ class _Timeline:
 
     def __init__(self, memory: TensorMemory, layers: list[torch.nn.Module], flops: _Flops):
         self.memory, self.segments, self.in_backward, self.depth = memory, {}, False, len(layers)
-        self.flops, self.segment_flops, self._flops_start = flops, {}, flops.total
+        self.flops, self.segment_work, self._work_start = flops, {}, dict(flops.work)
         self._handles = []
         for j, layer in enumerate(layers):
             self._handles.append(layer.register_forward_pre_hook(partial(self._before_layer, j)))
@@ -220,7 +264,9 @@ class _Timeline:
     def cut(self, label) -> None:
         self.segments[label] = (self._start, self.memory.peak, self.memory.current)
         self._start = self.memory.current
-        self.segment_flops[label], self._flops_start = self.flops.total - self._flops_start, self.flops.total
+        now = dict(self.flops.work)
+        self.segment_work[label] = {k: now[k] - self._work_start[k] for k in now}
+        self._work_start = now
         self.memory.reset_peak()
 
     def _before_layer(self, j: int, module, args) -> None:
@@ -242,15 +288,16 @@ class _Timeline:
             current, peak = current + end - begin, max(peak, current + top - begin)
         return current, peak
 
-    def replay(self, sources: list[int], extra_bytes: int) -> tuple[int, int, int, int]:
-        """(bytes live after the forward, the forward's peak, the step's peak, the step's FLOPs) of the full
-        model, whose layer i behaves as traced layer sources[i]; `extra_bytes`: the untraced layers' parameters."""
+    def replay(self, sources: list[int], extra_bytes: int) -> tuple[int, int, int, dict[str, int]]:
+        """(bytes live after the forward, the forward's peak, the step's peak, the step's work: `WORK_KEYS`) of
+        the full model, whose layer i behaves as traced layer sources[i]; `extra_bytes`: the untraced layers'
+        parameters."""
         start = self.segments["prelude"][0] + extra_bytes
         forward = ["prelude", *[("forward", j) for j in sources]]
         after_forward, forward_peak = self._play(forward, start, start)
         backward = ["head_backward", *[("backward", j) for j in reversed(sources[1:])], ("backward", 0)]
-        flops = sum(self.segment_flops[label] for label in forward + backward)
-        return after_forward, forward_peak, self._play(backward, after_forward, forward_peak)[1], flops
+        work = {k: sum(self.segment_work[label][k] for label in forward + backward) for k in WORK_KEYS}
+        return after_forward, forward_peak, self._play(backward, after_forward, forward_peak)[1], work
 
 
 @contextmanager
@@ -292,7 +339,7 @@ class _Trace:
     after_forward: int
     forward_peak: int
     peak: int
-    flops: int                 # the step's FLOPs at full depth
+    work: dict[str, int]       # the step's work at full depth (`WORK_KEYS`)
 
     def full_bytes(self, select) -> int:
         """Bytes of the tensors `select(module)` yields, over the full model (untraced layers are
@@ -414,7 +461,17 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
     return Estimate(target=target, num_checkpointed_layers=len(layers),
                     components_gib={k: v / GIB for k, v in components.items()},
                     peak_allocated_gib=allocated / GIB, peak_reserved_gib=(allocated + overhead) / GIB,
-                    unmodelled=unmodelled(spec, target), step_flops=trace.flops, tokens=b * s)
+                    unmodelled=unmodelled(spec, target), step_flops=trace.work["flops"], tokens=b * s,
+                    work=_shape_of_work(trace))
+
+
+def _shape_of_work(trace: _Trace) -> dict[str, float]:
+    base = trace.model.get_base_model()
+    layer_linears = sum(m.weight.numel() for m in decoder_layers(trace.model)[0].modules()
+                        if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad)
+    head = base.get_output_embeddings()
+    return {**trace.work, "layer_linear_weights": layer_linears, "head_weights": head.weight.numel(),
+            "num_layers": len(decoder_layers(trace.model)) + trace.untraced}
 
 
 def _int8_kept(model, num_layers: int, recomputed: int, token_bytes: int, compiled: bool) -> float:
@@ -454,7 +511,7 @@ def interpolate_k(traced: dict[int, Estimate], ks: list[int]) -> dict[int, Estim
                           peak_allocated_gib=a.peak_allocated_gib * (1 - w) + c.peak_allocated_gib * w,
                           peak_reserved_gib=a.peak_reserved_gib * (1 - w) + c.peak_reserved_gib * w,
                           unmodelled=a.unmodelled, step_flops=a.step_flops * (1 - w) + c.step_flops * w,
-                          tokens=a.tokens)
+                          tokens=a.tokens, work={n: a.work[n] * (1 - w) + c.work[n] * w for n in a.work})
     return out
 
 

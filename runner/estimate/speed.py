@@ -1,0 +1,438 @@
+"""Predict training speed (tokens/s) from the estimate's trace and the card's measured rates.
+
+The trace (`runner.estimate.trace`) already counts one micro-batch's work at full depth, recompute included:
+the compute-bound matmuls' and attention's FLOPs, the bytes every other kernel moves, the kernels an eager step
+launches, and the frozen linears' shape. A `Calibration` prices that work on one card:
+
+- the frozen linears, per kind (bf16, fp8, nf4, int8; eager or compiled): seconds per use as `a * weights +
+  b * FLOPs`, from a microbenchmark of one decoder layer's seven linears as fitrun builds them (forward, and
+  forward + input gradient) at two token counts;
+- attention: FlashAttention's FLOP rate (forward + backward, causal) at two sequence lengths, log-interpolated;
+- a bandwidth-bound op's GB/s and an eager kernel launch's host time;
+- per-term coefficients (`PRIORS`), refitted to measured configs (`refit`): what eager elementwise kernels
+  and compiled fusion really cost is learned from the card, not assumed.
+
+A micro-batch's time is the sum of its terms; a step's is `accumulation x micro-batch + optimizer + overhead`,
+which is how the worker times it (`micro_batch_time_s`, `optimizer_time_s`). `calibrate` runs in seconds and is
+cached per card, torch version and model shape; a catalogued card not in hand is predicted from a stored
+calibration scaled by the two cards' datasheet figures (`for_card`), and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from runner.cards import Card
+
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "calibrations"
+CACHE_ENV = "FITRUN_CACHE_DIR"
+TERMS = ("matmul", "attention", "recompute", "memory", "launch", "optimizer", "overhead")
+"""overhead: the host's per-step and per-micro-batch work (the loop, copies to the device, the scheduler)."""
+# Coefficients per term before any measured config refits them (1: the microbenchmark's rate as it is).
+# Compiled layers fuse most elementwise kernels and launch far fewer: first guesses, refitted on the card.
+PRIORS = {"matmul": 1.0, "attention": 1.0, "memory_eager": 1.0, "memory_compiled": 0.4, "launch_eager": 1.0,
+          "launch_compiled": 0.15, "optimizer": 1.0, "overhead_s": 0.005, "micro_overhead_s": 0.001}
+LINEAR_TOKENS = (1024, 4096)   # token counts the frozen-linear microbenchmark runs at
+ATTENTION_SEQ = (1024, 4096)   # sequence lengths of the attention microbenchmark
+OPTIMIZER_BYTES_PER_BYTE = 8   # fused AdamW + clipping: read p, g, m, v, write p, m, v, read g for the norm
+
+
+@dataclass
+class Calibration:
+    """Measured rates of one card (or a datasheet-scaled copy of another's), for one model shape."""
+
+    card: str
+    torch: str
+    source: str                                   # "measured on <card>" or "datasheet-scaled from <card>"
+    shape: dict[str, int]                         # hidden, intermediate, heads, kv_heads, head_dim
+    linear: dict[str, dict[str, list[float]]]     # kind -> {"forward": [s/weight, s/FLOP], "backward": [...]}
+    attention_tflops: dict[str, float]            # str(seq) -> forward + backward TFLOP/s (causal FLOPs)
+    bandwidth_gbs: float
+    launch_us: float
+    coefficients: dict[str, float] = field(default_factory=lambda: dict(PRIORS))
+    observations: list[dict] = field(default_factory=list)  # measured configs the coefficients were fitted to
+    error_pct: float | None = None                # the largest |error| over `observations` after the fit
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Calibration":
+        return cls(**json.loads(text))
+
+    def attention_rate(self, seq: int) -> float:
+        """FLOP/s of attention at sequence length `seq` (log-linear between the measured lengths, flat outside)."""
+        points = sorted((int(s), r) for s, r in self.attention_tflops.items())
+        if seq <= points[0][0]:
+            return points[0][1] * 1e12
+        for (s0, r0), (s1, r1) in zip(points, points[1:]):
+            if seq <= s1:
+                w = math.log(seq / s0) / math.log(s1 / s0)
+                return (r0 + w * (r1 - r0)) * 1e12
+        return points[-1][1] * 1e12
+
+
+@dataclass
+class Prediction:
+    tokens_per_s: float
+    step_s: float
+    terms_s: dict[str, float]      # seconds per optimizer step, by `TERMS`
+    source: str
+    error_pct: float | None
+
+    @property
+    def dominant(self) -> str:
+        return max(self.terms_s, key=self.terms_s.get)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "dominant": self.dominant}
+
+    def line(self, card: str) -> str:
+        band = f"±{self.error_pct:.0f}% (the model's largest error over its measured configs)" \
+            if self.error_pct is not None else "error band unknown: no measured config refitted this calibration"
+        total = sum(self.terms_s.values()) or 1.0
+        shares = ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(self.terms_s.items(), key=lambda kv: -kv[1])
+                           if v / total >= 0.01)
+        return (f"speed on {card}: ~{self.tokens_per_s:,.0f} tokens/s predicted, {band}; {self.source}\n"
+                f"step time by term: {shares} (dominant: {self.dominant})")
+
+
+def linear_kind(spec) -> str:
+    """Which frozen-linear rate a job's base uses."""
+    q = spec.model.quantization
+    kind = {"none": {"bfloat16": "bf16", "float16": "fp16"}.get(spec.compute_dtype, "fp32")}.get(q, q)
+    return f"{kind}-compile" if spec.training.compile and kind in ("bf16", "fp16", "fp8") else kind
+
+
+def terms(est, spec, cal: Calibration) -> dict[str, float]:
+    """Seconds per optimizer step of the job `spec` with estimate `est`, by term, coefficients applied."""
+    w, c = est.work, cal.coefficients
+    if not w:
+        raise ValueError("this estimate has no work counts (an old estimate?): re-run the estimate")
+    kind = linear_kind(spec)
+    if kind not in cal.linear:
+        raise ValueError(f"no {kind} frozen-linear rate in the calibration of {cal.card} ({cal.source}): "
+                         f"calibrated kinds: {', '.join(cal.linear)}")
+    tokens, layers = est.tokens, w["num_layers"]
+    k = est.num_checkpointed_layers
+    weights = w["layer_linear_weights"]
+    (fa, fb), (ba, bb) = cal.linear[kind]["forward"], cal.linear[kind]["backward"]
+    use_fwd = fa * weights + fb * 2 * tokens * weights
+    use_bwd = ba * weights + bb * 2 * tokens * weights
+    dense = "bf16" if "bf16" in cal.linear else next(iter(cal.linear))
+    head_rate = cal.linear[dense]["forward"][1]
+    frozen_flops = 2 * tokens * weights * (2 * layers + k)
+    head_flops = 2 * 2 * tokens * w["head_weights"]
+    other_gemm = max(0.0, w["gemm_flops"] - frozen_flops - head_flops) * head_rate
+    seq = spec.data.sequence_len
+    attention = w["attention_flops"] / cal.attention_rate(seq)
+    # attention FLOPs = layers x (forward + 2.5 forward in backward) + k recomputed forwards
+    attention_recompute = attention * k / (3.5 * layers + k)
+    compiled = "compiled" if spec.training.compile else "eager"
+    lora_bytes = est.components_gib.get("lora_params", 0.0) * 1024**3
+    accum = spec.training.gradient_accumulation_steps
+    micro = {
+        "matmul": c["matmul"] * (layers * (use_fwd + use_bwd) + head_flops * head_rate + other_gemm),
+        "recompute": c["matmul"] * k * use_fwd + c["attention"] * attention_recompute,
+        "attention": c["attention"] * (attention - attention_recompute),
+        "memory": c[f"memory_{compiled}"] * w["memory_bytes"] / (cal.bandwidth_gbs * 1e9),
+        "launch": c[f"launch_{compiled}"] * w["ops"] * cal.launch_us * 1e-6,
+    }
+    step = {name: accum * v for name, v in micro.items()}
+    step["optimizer"] = c["optimizer"] * OPTIMIZER_BYTES_PER_BYTE * lora_bytes / (cal.bandwidth_gbs * 1e9)
+    step["overhead"] = c["overhead_s"] + accum * c["micro_overhead_s"]
+    return step
+
+
+def predict(est, spec, cal: Calibration) -> Prediction:
+    """Tokens/s of one optimizer step of `spec` (every worker alike: one worker's tokens/s times workers)."""
+    step = terms(est, spec, cal)
+    step_s = sum(step.values())
+    tokens = est.tokens * spec.training.gradient_accumulation_steps * spec.resources.num_workers
+    return Prediction(tokens / step_s, step_s, step, cal.source, cal.error_pct)
+
+
+# ---- refitting the coefficients to measured configs ------------------------------------------------------------
+
+def _features(est, spec, cal: Calibration) -> dict[str, float]:
+    """Each coefficient's share of the step time at coefficient 1 (the step time is linear in them)."""
+    ones = replace(cal, coefficients={k: (0.0 if k.endswith("overhead_s") else 1.0) for k in PRIORS})
+    t = terms(est, spec, ones)
+    compiled = "compiled" if spec.training.compile else "eager"
+    # split recompute back into its matmul and attention parts
+    attn_only = replace(ones, coefficients={**ones.coefficients, "matmul": 0.0})
+    t_attn = terms(est, spec, attn_only)
+    f = dict.fromkeys(PRIORS, 0.0)
+    f["attention"] = t_attn["attention"] + t_attn["recompute"]
+    f["matmul"] = t["matmul"] + t["recompute"] - t_attn["recompute"]
+    f[f"memory_{compiled}"] = t["memory"]
+    f[f"launch_{compiled}"] = t["launch"]
+    f["optimizer"] = t["optimizer"]
+    f["overhead_s"] = 1.0
+    f["micro_overhead_s"] = spec.training.gradient_accumulation_steps
+    return f
+
+
+def refit(cal: Calibration, observations: list[dict], strength: float = 0.3) -> Calibration:
+    """The calibration with its coefficients fitted to `observations` ({"features": _features(...),
+    "step_s": measured seconds per step, "name": ...}): least squares on relative error, pulled toward
+    `PRIORS` (a coefficient no observation informs stays at its prior). `error_pct` is the fit's largest
+    |error| over the observations."""
+    import numpy as np
+
+    if not observations:
+        return cal
+    names = list(PRIORS)
+    rows, targets = [], []
+    for o in observations:
+        rows.append([o["features"][n] / o["step_s"] for n in names])
+        targets.append(1.0)
+    for i, n in enumerate(names):  # the pull toward the prior, in units of the prior
+        prior = PRIORS[n]
+        rows.append([strength / prior if j == i else 0.0 for j in range(len(names))])
+        targets.append(strength)
+    coef, *_ = np.linalg.lstsq(np.array(rows), np.array(targets), rcond=None)
+    coef = {n: float(max(v, 0.0)) for n, v in zip(names, coef)}
+    fitted = replace(cal, coefficients=coef, observations=list(observations))
+    errors = [abs(sum(coef[n] * o["features"][n] for n in names) / o["step_s"] - 1) * 100 for o in observations]
+    fitted.error_pct = max(errors)
+    return fitted
+
+
+def observation(est, spec, cal: Calibration, tokens_per_s: float, name: str = "") -> dict:
+    """A measured config as `refit` takes it: tokens/s as the worker reports it (the true accumulation)."""
+    tokens = est.tokens * spec.training.gradient_accumulation_steps * spec.resources.num_workers
+    return {"name": name, "features": _features(est, spec, cal), "step_s": tokens / tokens_per_s,
+            "tokens_per_s": tokens_per_s}
+
+
+# ---- other cards: datasheet-scaled -----------------------------------------------------------------------------
+
+def for_card(cal: Calibration, measured_on: Card, card: Card) -> Calibration:
+    """`cal` (measured on `measured_on`) scaled to `card` by their datasheet figures: tensor-core rates by the
+    dtype's TFLOP/s ratio, per-weight (dequantize) and bandwidth terms by the bandwidth ratio, attention by the
+    bf16 ratio; host-side launch time and the coefficients unchanged."""
+    if card.name == measured_on.name:
+        return cal
+
+    def ratio(attr: str) -> float:
+        a, b = getattr(card, attr), getattr(measured_on, attr)
+        if not a or not b:
+            raise ValueError(f"no {attr} for the {card.name if not a else measured_on.name} in the catalogue: "
+                             "cannot scale the calibration")
+        return a / b
+
+    dense = "fp16_tflops" if card.bf16_tflops is None else "bf16_tflops"
+    bw = ratio("bandwidth_gbs")
+    linear = {}
+    for kind, rates in cal.linear.items():
+        flops_attr = "fp8_tflops" if kind.startswith("fp8") else dense
+        if kind.startswith("fp8") and not card.fp8_tflops:
+            continue
+        r = ratio(flops_attr)
+        linear[kind] = {d: [a / bw, b / r] for d, (a, b) in rates.items()}
+    att = ratio(dense)
+    return replace(cal, card=card.name, source=f"datasheet-scaled from {cal.card} ({cal.source})", linear=linear,
+                   attention_tflops={s: v * att for s, v in cal.attention_tflops.items()},
+                   bandwidth_gbs=cal.bandwidth_gbs * bw)
+
+
+# ---- the microbenchmark ----------------------------------------------------------------------------------------
+
+def shape_of(config) -> dict[str, int]:
+    heads = config.num_attention_heads
+    return {"hidden": config.hidden_size, "intermediate": config.intermediate_size, "heads": heads,
+            "kv_heads": getattr(config, "num_key_value_heads", heads),
+            "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads}
+
+
+class _LayerLinears(torch.nn.Module):
+    """One decoder layer's seven frozen linears, chained as the layer chains them (no compiler can drop one)."""
+
+    def __init__(self, shape: dict[str, int], dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        h, i, q, kv = shape["hidden"], shape["intermediate"], shape["heads"] * shape["head_dim"], \
+            shape["kv_heads"] * shape["head_dim"]
+        dims = {"q": (h, q), "k": (h, kv), "v": (h, kv), "o": (q, h), "gate": (h, i), "up": (h, i), "down": (i, h)}
+        self.proj = torch.nn.ModuleDict({n: torch.nn.Linear(a, b, bias=False, device=device, dtype=dtype)
+                                         for n, (a, b) in dims.items()})
+        self.requires_grad_(False)
+        self.rep = q // kv
+
+    def forward(self, x):
+        p = self.proj
+        attn = p["o"](p["q"](x) + (p["k"](x) + p["v"](x)).repeat(1, self.rep))
+        return p["down"](torch.nn.functional.silu(p["gate"](x)) * p["up"](x)) + attn
+
+    @staticmethod
+    def weights_of(shape: dict[str, int]) -> int:
+        h, i = shape["hidden"], shape["intermediate"]
+        q, kv = shape["heads"] * shape["head_dim"], shape["kv_heads"] * shape["head_dim"]
+        return 2 * h * q + 2 * h * kv + 3 * h * i
+
+
+def _timer(device: torch.device):
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def measure(fn, repeat: int) -> float:
+        fn()
+        fn()
+        sync()
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        sync()
+        return (time.perf_counter() - start) / repeat
+    return measure
+
+
+def _linear_module(kind: str, shape: dict[str, int], dtype: torch.dtype, device: torch.device):
+    from runner.quant import Fp8Linear, bnb_linear
+
+    m = _LayerLinears(shape, dtype, device)
+    base = kind.removesuffix("-compile")
+    if base == "fp8":
+        for n, lin in list(m.proj.items()):
+            m.proj[n] = Fp8Linear(lin)
+    elif base in ("nf4", "int8"):
+        for n, lin in list(m.proj.items()):
+            m.proj[n] = bnb_linear(lin, base, dtype, device)
+    if kind.endswith("-compile"):
+        m.forward = torch.compile(m.forward)
+    return m
+
+
+def _bench_linear(kind: str, shape: dict[str, int], dtype: torch.dtype, device: torch.device,
+                  tokens: tuple[int, ...], repeat: int) -> dict[str, list[float]]:
+    measure = _timer(device)
+    m = _linear_module(kind, shape, dtype, device)
+    weights = _LayerLinears.weights_of(shape)
+    fwd, fb = [], []
+    for n in tokens:
+        x = torch.randn(n, shape["hidden"], device=device, dtype=dtype, requires_grad=True)
+        with torch.no_grad():
+            fwd.append(measure(lambda: m(x), repeat))
+        fb.append(measure(lambda: m(x).sum().backward(), repeat))
+        x.grad = None
+    out = {}
+    for name, times in (("forward", fwd), ("backward", [b - f for b, f in zip(fb, fwd)])):
+        (n0, t0), (n1, t1) = zip(tokens, times)
+        per_token = max(0.0, (t1 - t0) / (n1 - n0))
+        fixed = max(0.0, t0 - per_token * n0)
+        out[name] = [fixed / weights, per_token / (2 * weights)]
+    del m
+    return out
+
+
+def _bench_attention(shape: dict[str, int], dtype: torch.dtype, device: torch.device, seqs: tuple[int, ...],
+                     tokens: int, repeat: int) -> dict[str, float]:
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    measure = _timer(device)
+    out = {}
+    for s in seqs:
+        b = max(1, tokens // s)
+        q = torch.randn(b, shape["heads"], s, shape["head_dim"], device=device, dtype=dtype, requires_grad=True)
+        kv = [torch.randn(b, shape["kv_heads"], s, shape["head_dim"], device=device, dtype=dtype, requires_grad=True)
+              for _ in range(2)]
+        t = measure(lambda: sdpa(q, *kv, is_causal=True, enable_gqa=True).sum().backward(), repeat)
+        flops = 4 * b * shape["heads"] * s * s * shape["head_dim"]  # QK^T and PV, forward, full square
+        out[str(s)] = flops * (0.5 + 1.25) / t / 1e12  # causal forward + backward, as the trace counts them
+    return out
+
+
+def _bench_bandwidth(dtype: torch.dtype, device: torch.device, repeat: int) -> float:
+    n = (1 << 27) if device.type == "cuda" else (1 << 23)
+    x = torch.empty(n, device=device, dtype=dtype)
+    y = torch.empty_like(x)
+    t = _timer(device)(lambda: torch.mul(x, 2, out=y), repeat)
+    return 2 * n * x.element_size() / t / 1e9
+
+
+def _bench_launch(device: torch.device) -> float:
+    """Host time per kernel of a chain of tiny autograd-recorded ops, forward and backward: what an eager step
+    pays per kernel when the GPU work per kernel is shorter than the launch."""
+    x = torch.zeros(8, device=device, requires_grad=True)
+
+    def chain():
+        y = x
+        for _ in range(100):
+            y = y * 1.0001
+        y.sum().backward()
+    return _timer(device)(chain, 5) / 200 * 1e6
+
+
+def available_kinds(device: torch.device, dtype: torch.dtype) -> list[str]:
+    dense = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    if device.type != "cuda":
+        return [dense]
+    kinds = [dense, f"{dense}-compile"]
+    if torch.cuda.get_device_capability(device) >= (8, 9):
+        kinds += ["fp8", "fp8-compile"]
+    try:
+        import bitsandbytes  # noqa: F401
+
+        kinds += ["nf4", "int8"]
+    except Exception:
+        pass
+    return kinds
+
+
+def calibrate(config, device: torch.device, dtype: torch.dtype, kinds: list[str] | None = None,
+              card: str | None = None) -> Calibration:
+    """Measure this device's rates for a model of `config`'s shape: seconds on a GPU (compile included)."""
+    shape = shape_of(config)
+    cuda = device.type == "cuda"
+    repeat = 10 if cuda else 3
+    tokens = LINEAR_TOKENS if cuda else (64, 256)  # a CPU: the tiny models it trains
+    linear = {kind: _bench_linear(kind, shape, dtype, device, tokens, repeat)
+              for kind in (kinds or available_kinds(device, dtype))}
+    seqs = ATTENTION_SEQ if cuda else (64, 256)
+    attention = _bench_attention(shape, dtype, device, seqs, max(tokens), repeat)
+    name = card or (torch.cuda.get_device_name(device) if cuda else "CPU")
+    cal = Calibration(card=name, torch=torch.__version__, source=f"measured on {name}", shape=shape, linear=linear,
+                      attention_tflops=attention, bandwidth_gbs=_bench_bandwidth(dtype, device, repeat),
+                      launch_us=_bench_launch(device))
+    if cuda:
+        torch.cuda.empty_cache()
+    return cal
+
+
+# ---- where calibrations live -----------------------------------------------------------------------------------
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in text)
+
+
+def cache_path(card: str, shape: dict[str, int]) -> Path:
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fitrun") / "calibration"
+    dims = "-".join(str(shape[k]) for k in ("hidden", "intermediate", "heads", "kv_heads", "head_dim"))
+    return root / f"{_slug(card)}-torch{_slug(torch.__version__)}-{dims}.json"
+
+
+def cached(card: str, shape: dict[str, int]) -> Calibration | None:
+    path = cache_path(card, shape)
+    return Calibration.from_json(path.read_text()) if path.is_file() else None
+
+
+def store(cal: Calibration) -> Path:
+    path = cache_path(cal.card, cal.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(cal.to_json())
+    tmp.replace(path)
+    return path
+
+
+def shipped() -> list[Calibration]:
+    """Calibrations measured on the device and shipped in the package (runner/calibrations/*.json)."""
+    return [Calibration.from_json(p.read_text()) for p in sorted(SHIPPED_DIR.glob("*.json"))]
