@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from runner.cards import Card, Fit, fit_on
+from runner.estimate.speed import predict_job
 from runner.estimate.trace import Estimate, estimate, parse_sweep, sweep_k
 from runner.model import model_config
 from runner.spec import JobSpec, SpecError, job_card
@@ -145,15 +146,19 @@ def run_estimate_cli(job: JobSpec, total_gib: float | None, sweep: str | None, a
         return 0
     est = estimate(job)
     fit = card_fit(job, est, card, catalogue) if card else None
+    speed, speed_on = predict_job(job, est, card, catalogue)
     if as_json:
         out = est.to_dict()
         if fit:
             out.update(fit.to_dict())
         elif cap is not None:
             out.update(ceiling_gib=cap, fits=est.peak_gib <= cap, margin_gib=cap - est.peak_gib)
+        out.update(predicted_tokens_per_s=speed.tokens_per_s if speed else None,
+                   speed={**speed.to_dict(), "card": speed_on} if speed else {"not_predicted": speed_on})
         print(json.dumps(out, indent=2))
     else:
         print(format_table(est, None if fit else cap))
         if fit:
             print(fit.line())
+        print(speed.line(speed_on) if speed else f"speed: not predicted: {speed_on}")
     return 0

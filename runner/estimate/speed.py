@@ -436,3 +436,58 @@ def store(cal: Calibration) -> Path:
 def shipped() -> list[Calibration]:
     """Calibrations measured on the device and shipped in the package (runner/calibrations/*.json)."""
     return [Calibration.from_json(p.read_text()) for p in sorted(SHIPPED_DIR.glob("*.json"))]
+
+
+def _reference(shape: dict[str, int]) -> Calibration | None:
+    """The shipped calibration for a model of this shape (else any shipped one: rates per FLOP, weight and byte
+    carry over between shapes roughly), or None."""
+    ships = shipped()
+    return next((c for c in ships if c.shape == shape), ships[0] if ships else None)
+
+
+def calibration_for(job, card: Card | None, catalogue: dict[str, Card]) -> Calibration | None:
+    """The calibration that predicts `job` on `card` (default: the job's own device): on a CPU job, this CPU's
+    (measured once, cached); with a catalogued GPU in hand, its own (measured once per torch version and model
+    shape, cached, refitted by `fitrun tune`'s measurements), scaled to `card` if that is another; else the
+    calibration shipped with fitrun, scaled to `card`. None where none applies (an uncatalogued card)."""
+    from runner.cards import card_in_hand, find_card
+    from runner.model import model_config, resolve_dtype
+
+    config = model_config(job.model, allow_builtin=True)
+    shape = shape_of(config)
+    if not job.resources.use_gpu:
+        return cached("CPU", shape) or _stored(calibrate(config, torch.device("cpu"), resolve_dtype(job.model, "cpu"),
+                                                         card="CPU"))
+    in_hand = card_in_hand() if torch.cuda.is_available() else None
+    if in_hand is not None:
+        measured_on = in_hand
+        cal = cached(in_hand.name, shape) or _stored(
+            calibrate(config, torch.device("cuda"), resolve_dtype(job.model, "cuda"), card=in_hand.name))
+    else:
+        cal = _reference(shape)
+        measured_on = find_card(cal.card, catalogue) if cal else None
+        if measured_on is None:
+            return None
+    target = card or measured_on
+    if target.memory_total_mib and target.compute_capability >= 99:  # --gpu-memory-gib: a card known by its total
+        return None
+    return for_card(cal, measured_on, target)
+
+
+def _stored(cal: Calibration) -> Calibration:
+    store(cal)
+    return cal
+
+
+def predict_job(job, est, card: Card | None, catalogue: dict[str, Card]) -> tuple[Prediction | None, str]:
+    """(the prediction, the card's name) for `fitrun estimate` and the tuner, or (None, why not)."""
+    try:
+        cal = calibration_for(job, card, catalogue)
+    except ValueError as e:
+        return None, str(e)
+    if cal is None:
+        return None, "no calibration applies (a card known only by its memory total)"
+    try:
+        return predict(est, job, cal), cal.card
+    except ValueError as e:
+        return None, str(e)
