@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-hour-price", type=float, help="$/GPU-hour, to report cost per 1M tokens")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search")
     p.add_argument("--out", help="where to write the winner job YAML (default: <output_dir>/winner.yaml)")
+    p.add_argument("--exhaustive", action="store_true",
+                   help="search every column, probes packed on the card (default: the step-time model orders the "
+                        "columns, skips those that cannot win, and probes run one at a time)")
     p.add_argument("--cheapest", action="store_true",
                    help="the fastest config at any LoRA rank (default: at the highest rank listed that fits); "
                         "a smaller rank trades adapter capacity, i.e. quality, for speed")
@@ -167,7 +170,8 @@ def _tune(args, job: JobSpec, space: SearchSpaceSpec) -> int:
     from runner.tune.report import TuneOptions
 
     run_tune(job, space, TuneOptions(resume=args.resume, gpu_hour_price=args.gpu_hour_price, winner_path=args.out,
-                                     file_init=load_job(args.job).model.init, cheapest=args.cheapest))
+                                     file_init=load_job(args.job).model.init, cheapest=args.cheapest,
+                                     exhaustive=args.exhaustive))
     return 0
 
 

@@ -104,6 +104,7 @@ def test_a_few_traced_layers_replay_the_full_trace_exactly(root, monkeypatch, te
     assert short.components_gib == full.components_gib
     assert (short.peak_allocated_gib, short.peak_reserved_gib) == (full.peak_allocated_gib, full.peak_reserved_gib)
     assert short.step_flops == full.step_flops > 0  # the FLOPs replay exactly too
+    assert short.work == full.work  # and every count the step-time model prices
 
 
 def test_ten_layer_estimate_within_5pct_of_measured(root, monkeypatch, ten_layer_model):

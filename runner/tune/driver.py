@@ -13,6 +13,7 @@ import datetime
 import json
 from contextlib import contextmanager
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,12 @@ def tune_searcher_class():
 
         def suggest(self, trial_id: str):
             before, before_columns = set(self.inner.pruned), set(self.inner.dominated)
+            before_outpaced = set(self.inner.outpaced)
             nxt = self.inner.next_config()
+            for column in set(self.inner.outpaced) - before_outpaced:
+                if self.on_pruned:
+                    self.on_pruned(column, None, outpaced=(self.inner.outpaced[column],
+                                                           self.inner.best_measured_speed(), self.inner.speed_error))
             new_keys = set(self.inner.pruned) - before
             by_key = {c.at_k(k).key: c.at_k(k) for c in self.inner.columns for k in self.inner.ks} if new_keys else {}
             new_pruned = [(by_key[key], self.inner.pruned[key]) for key in new_keys] + \
@@ -61,7 +67,8 @@ def tune_searcher_class():
             if nxt is None:
                 return None
             self.inner.pending[trial_id] = nxt
-            return {"config": asdict(nxt), "predicted_peak_gib": self.inner.predicted.get(nxt.key)}
+            return {"config": asdict(nxt), "predicted_peak_gib": self.inner.predicted.get(nxt.key),
+                    "predicted_tokens_per_s": self.inner.speed.get(nxt.key)}
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
             from runner.tune.search import classify
@@ -72,6 +79,8 @@ def tune_searcher_class():
             # The trial classified its own outcome; only a trial that died before reporting is classified here.
             res = {k: result[k] for k in OUTCOME_KEYS if k in result} if result and "status" in result and not error \
                 else classify(result, self.inner.limit_gib, error=True)
+            if c.key in self.inner.speed:  # the prediction it was chosen by, beside what it measured
+                res["predicted_tokens_per_s"] = self.inner.speed[c.key]
             self.inner.record(c, res)
             self.save(str(self.state_path))
             if self.on_result:
@@ -87,9 +96,10 @@ def tune_searcher_class():
 
 
 def predict_all(job: JobSpec, space: SearchSpaceSpec, columns: list[Config], ks: list[int], target: str,
-                num_layers: int) -> dict[str, float]:
-    """Estimated peak (GiB) of every grid config the estimate models: its k anchors traced in parallel Ray
-    tasks, the rest interpolated the same way as `fitrun estimate --sweep`."""
+                num_layers: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Estimated peak (GiB) of every grid config the estimate models, and every config's estimate (the
+    step-time model prices its work): its k anchors traced in parallel Ray tasks, the rest interpolated the
+    same way as `fitrun estimate --sweep`."""
     import ray
 
     from runner.estimate.trace import estimate_at_k, interpolate_k, k_anchors
@@ -113,8 +123,9 @@ def predict_all(job: JobSpec, space: SearchSpaceSpec, columns: list[Config], ks:
     if unmodelled:
         print(f"estimate: {len(unmodelled)} of {len(columns)} columns are lever combinations it is not modelled for "
               f"({traced[trace_key(unmodelled[0])][ks[0]].unmodelled}): measured, not pruned by it", flush=True)
-    return {column.at_k(k).key: traced[trace_key(column)][k].peak_gib for column in columns for k in ks
-            if column not in unmodelled}
+    peaks = {column.at_k(k).key: traced[trace_key(column)][k].peak_gib for column in columns for k in ks
+             if column not in unmodelled}
+    return peaks, {column.at_k(k).key: traced[trace_key(column)][k] for column in columns for k in ks}
 
 
 def concurrency(job: JobSpec, space: SearchSpaceSpec, trial_cpus: float) -> tuple[int, float]:
@@ -165,6 +176,37 @@ def _on_result(c: Config, res: dict) -> None:
           f"{res.get('measured_tokens_per_s', 0.0):>10,.0f} tok/s", flush=True)
 
 
+def _speed_guide(job: JobSpec, space: SearchSpaceSpec, estimates: dict, configs: list[Config], inner: FitSearcher):
+    """The step-time model over the grid, on the card the probes run on; None (every column searched) where
+    no calibration applies. A resumed search refits it to the results it already has."""
+    from runner.estimate.speed import calibration_for
+    from runner.tune.guide import SpeedGuide
+
+    cal = calibration_for(job, None, load_catalogue(job.resources.gpu_catalogue))
+    if cal is None:
+        print("speed: no calibration for this card: every column is searched", flush=True)
+        return None
+    guide = SpeedGuide(job, space, cal, estimates, configs)
+    for res in inner.results.values():
+        if res["feasible"]:
+            guide.observe(res["config"], res["tokens_per_s"])
+    inner.speed, inner.speed_error = guide.predictions(), guide.error
+    print(f"speed: {len(inner.speed)} of {len(configs)} configs predicted ({cal.source}); columns tried fastest "
+          f"first, a column predicted slower than the best measured by over {guide.error:.0%} is not probed "
+          f"(--exhaustive searches every column)", flush=True)
+    return guide
+
+
+def _on_result_guided(c: Config, res: dict, guide, inner: FitSearcher, n_concurrent: int) -> None:
+    """A probe's outcome: printed; an uncontended feasible one refits the step-time model, whose new predictions
+    the searcher uses from its next suggestion."""
+    _on_result(c, res)
+    if guide is None or not res.get("feasible") or n_concurrent > 1:
+        return
+    guide.observe(c, res["tokens_per_s"])
+    inner.speed, inner.speed_error = guide.predictions(), guide.error
+
+
 def _alone(job: JobSpec) -> JobSpec:
     """The job with a whole GPU per worker: a run that measures speed without contention."""
     return job.model_copy(update={"resources": job.resources.model_copy(update={"gpus_per_worker": 1.0})})
@@ -195,6 +237,11 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, options: TuneOptions = TuneOp
     init_ray(job.resources.address)
     check_cluster_resources(job)
     n_concurrent, gpu_fraction = concurrency(job, space, TRIAL_CPUS)
+    guided = not options.exhaustive and space.prune_with_estimate
+    if guided and job.resources.use_gpu and n_concurrent > 1:
+        # Speed-guided: probes run one at a time, as on a real card of the ceiling's size, so each measured
+        # speed is uncontended: comparable with the model's predictions and fit to refit it.
+        n_concurrent, gpu_fraction = 1, 1.0
     if job.resources.use_gpu:
         job = job.model_copy(update={"resources": job.resources.model_copy(update={"gpus_per_worker": gpu_fraction})})
     # Rank is a quality choice: every rank is measured unless the user asked for the cheapest config,
@@ -203,6 +250,7 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, options: TuneOptions = TuneOp
     inner = RandomSearcher(columns, ks, space.limit_gib, num_samples=space.num_samples, **kw) \
         if space.searcher == "random" else FitSearcher(columns, ks, space.limit_gib, **kw)
     searcher = tune_searcher_class()(inner, state_file, _on_result)
+    guide = None
     if options.resume and parent_file.exists() and state_file.exists():
         search = Search(job, space, uri, parent_file.read_text().strip(), out)
         searcher.restore(str(state_file))
@@ -218,9 +266,13 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, options: TuneOptions = TuneOp
         search = Search(job, space, uri, parent_id, out)
         parent_file.write_text(parent_id)
     with _parent_closed_if_stopped(search):
-        if not inner.predicted and not inner.results and space.prune_with_estimate:  # a fresh search
+        if space.prune_with_estimate and (guided or not inner.results):
             target = "cuda" if job.resources.use_gpu else "cpu"
-            inner.predicted = predict_all(job, space, columns, ks, target, num_layers)
+            predicted, estimates = predict_all(job, space, columns, ks, target, num_layers)
+            inner.predicted = inner.predicted or predicted  # a resumed search keeps what it pruned by
+            if guided:
+                guide = _speed_guide(job, space, estimates, [c.at_k(k) for c in columns for k in ks], inner)
+                searcher.on_result = partial(_on_result_guided, guide=guide, inner=inner, n_concurrent=n_concurrent)
         return _search_and_report(search, searcher, inner, grid_size=len(columns) * len(ks), n_concurrent=n_concurrent,
                                   options=options, state_file=state_file, started=started)
 

@@ -29,6 +29,7 @@ class TuneOptions:
     extra_exclusive: tuple[Config, ...] = ()     # configs re-measured alone in any case
     file_init: str | None = None                 # the job file's model.init, when a dry run overrode it
     cheapest: bool = False                       # the fastest config at any LoRA rank, not the highest rank's
+    exhaustive: bool = False                     # search every column (no step-time model), probes packed
     winner_base: JobSpec | None = None           # the job as given (paths as written), set by run_tune
 
 
@@ -61,7 +62,9 @@ def summarise(search: Search, outcome: Outcome, options: TuneOptions) -> dict[st
     counts = {"trials_run": len(results), "grid_size": outcome.grid_size, "pruned": len(inner.pruned),
               "dominated_columns": len(inner.dominated),
               "infeasible": sum(r["status"] == "infeasible" for r in results),
-              "errors": sum(r["status"] == "error" for r in results), "exclusive_runs": len(exclusive)}
+              "errors": sum(r["status"] == "error" for r in results), "exclusive_runs": len(exclusive),
+              "outpaced_columns": len(inner.outpaced)}
+    counts.update(speed_model_errors(results))
     front = pareto([r for r in results if r["feasible"]])
     table = trial_table(inner, exclusive)
     front_lines = ["| config | peak GiB | tokens/s |", "| --- | --- | --- |"] + \
@@ -112,6 +115,17 @@ def summarise(search: Search, outcome: Outcome, options: TuneOptions) -> dict[st
     summary.update(winner=c.key, winner_config=asdict(c), winner_tokens_per_s=tokens_per_s,
                    winner_peak_gib=winner["peak_gib"], winner_path=str(path), exclusive=dict(exclusive))
     return summary
+
+
+def speed_model_errors(results: list[dict]) -> dict[str, float]:
+    """The step-time model's error over the search: each feasible probe's prediction (made before it ran, by
+    the model as refitted so far) against its measured speed."""
+    errors = sorted(abs(r["predicted_tokens_per_s"] / r["tokens_per_s"] - 1) * 100 for r in results
+                    if r["feasible"] and r.get("predicted_tokens_per_s") and r["tokens_per_s"])
+    if not errors:
+        return {}
+    return {"speed_model_error_median_pct": errors[len(errors) // 2], "speed_model_error_max_pct": errors[-1],
+            "speed_model_predicted_probes": len(errors)}
 
 
 def fastest_per_rank(inner) -> list[dict]:

@@ -7,6 +7,11 @@ each column it looks for the smallest k that fits, starting from the memory esti
 measured results, never launching a config that a measured infeasible result (or the estimate,
 beyond a margin) already rules out. `runner.tune.driver` adapts it to Ray Tune.
 
+With the step-time model's predictions (`speed`: config key -> predicted tokens/s, and `speed_error`, the
+model's relative error), it also uses what is known of speed: columns are tried fastest-predicted first, and
+a column whose best possible config (its smallest open k) is predicted slower than the best measured speed by
+more than the model's error is never probed (`outpaced`). Without predictions every column is searched.
+
 Adding a lever as a search dimension: one `lever(...)` field on `Config` (its job field, the
 space field that lists its values, its tag in the key), the space field in `runner.spec`, and the
 lever itself in `runner.model.build_trainable`.
@@ -185,13 +190,17 @@ class FitSearcher:
         self.pending: dict[str, Config] = {}    # trial id -> config
         self.pruned: dict[str, float] = {}      # key -> predicted GiB (never launched)
         self.dominated: dict[Config, bool] = {}  # columns that cannot beat a smaller-rank twin
+        self.speed: dict[str, float] = {}       # key -> predicted tokens/s (the step-time model; empty: unused)
+        self.speed_error = 0.0                  # the model's relative error: the margin a prediction gets
+        self.outpaced: dict[Config, float] = {}  # columns predicted slower than the best measured: never probed
 
     # -- state (JSON: what a resumed search continues from) ------------------------------------
     def state_dict(self) -> dict:
         return {"results": [{**{k: v for k, v in r.items() if k != "config"}, "config": asdict(r["config"])}
                             for r in self.results.values()],
                 "pruned": self.pruned, "dominated": [asdict(c) for c in self.dominated],
-                "predicted": self.predicted}
+                "predicted": self.predicted, "speed": self.speed, "speed_error": self.speed_error,
+                "outpaced": [[asdict(c), v] for c, v in self.outpaced.items()]}
 
     def load_state_dict(self, state: dict) -> None:
         self.results = {}
@@ -201,6 +210,8 @@ class FitSearcher:
         self.pruned = dict(state["pruned"])
         self.dominated = {Config(**c): True for c in state["dominated"]}
         self.predicted = dict(state["predicted"])
+        self.speed, self.speed_error = dict(state.get("speed", {})), state.get("speed_error", 0.0)
+        self.outpaced = {Config(**c): v for c, v in state.get("outpaced", [])}
         self.pending.clear()  # unfinished trials are suggested again
 
     # -- decisions ---------------------------------------------------------------------------------
@@ -234,8 +245,9 @@ class FitSearcher:
         """A config to probe, None to wait for running probes, or "done"."""
         busy = {c.column for c in self.pending.values()}
         waiting = False
-        for column in self.columns:
-            if column in busy or column in self.dominated:
+        outpaced_before = len(self.outpaced)
+        for column in self._by_predicted_speed():
+            if column in busy or column in self.dominated or column in self.outpaced:
                 waiting = waiting or column in busy
                 continue
             smaller_r = [c for c in self.columns if replace(c, r=0) == replace(column, r=0) and c.r < column.r]
@@ -257,8 +269,39 @@ class FitSearcher:
                     pruned_now = True
             if pruned_now:
                 return self.next_config()
+            if self._cannot_win(column, candidates):
+                if busy:  # a running probe may still set the bar: decide once it reports
+                    waiting = True
+                    continue
+                self.outpaced[column] = self._column_speed(column, candidates)
+                continue
             return column.at_k(self._pick(column, candidates, last < len(self.ks) - 1))
+        if waiting and len(self.outpaced) > outpaced_before:  # a column waiting on a twin outpaced since: look again
+            return self.next_config()
         return None if waiting else "done"
+
+    # -- speed (the step-time model) -------------------------------------------------------------
+    def _column_speed(self, column: Config, candidates: list[int] | None = None) -> float | None:
+        """The column's best predicted speed: at its smallest open k predicted to fit (fewest recomputed layers),
+        else its smallest open k; None without predictions."""
+        candidates = candidates if candidates is not None else self.ks
+        fits = [k for k in candidates if self.predicted.get(column.at_k(k).key, -math.inf) <= self.limit_gib]             or candidates
+        return self.speed.get(column.at_k(fits[0]).key) if fits else None
+
+    def best_measured_speed(self) -> float:
+        return max((r["tokens_per_s"] for r in self.results.values() if r["feasible"]), default=0.0)
+
+    def _cannot_win(self, column: Config, candidates: list[int]) -> bool:
+        """Even its fastest open config, predicted with the model's error in its favour, is slower than a
+        measured one (candidates the estimate calls over the ceiling are not its fastest: they cannot run)."""
+        predicted = self._column_speed(column, candidates)
+        best = self.best_measured_speed()
+        return bool(self.speed) and predicted is not None and best > 0 and predicted * (1 + self.speed_error) < best
+
+    def _by_predicted_speed(self) -> list[Config]:
+        if not self.speed:
+            return self.columns
+        return sorted(self.columns, key=lambda c: -(self._column_speed(c) or 0.0))
 
     def _pick(self, column: Config, candidates: list[int], fit_known_above: bool) -> int:
         """Probe nearest the predicted boundary: the smallest candidate predicted to fit (if a fit is
@@ -272,7 +315,7 @@ class FitSearcher:
         return candidates[(len(candidates) - 1) // 2] if fit_known_above else candidates[len(candidates) // 2]
 
     def _settled(self, column: Config) -> bool:
-        if column in self.dominated:
+        if column in self.dominated or column in self.outpaced:
             return True
         if any(c.column == column for c in self.pending.values()):
             return False

@@ -63,7 +63,7 @@ class Search:
         """A new child run of config `c` in `phase` (with `reuse`, the existing one when a resumed search
         has it already: no duplicates)."""
         assert phase in PHASES, phase
-        key = c.key + ("-dominated" if c.k is None else "")
+        key = c.key + (f"-{(tags or {}).get('reason', 'dominated')}" if c.k is None else "")  # a whole column
         found = self.find_child(key, phase) if reuse else None
         if found:
             return found
@@ -72,13 +72,20 @@ class Search:
                            tags={"fitrun_config": key, "fitrun_phase": phase, "fitrun.kind": "trial", **(tags or {})})
         return RunLogger(self.uri, run_id)
 
-    def log_pruned(self, c: Config, predicted_gib: float | None) -> None:
-        """A config never launched: predicted over the ceiling, or a column dominated by a smaller rank.
-        Same params as a measured child; ends KILLED (it never ran), with the reason."""
+    def log_pruned(self, c: Config, predicted_gib: float | None, outpaced: tuple[float, float, float] | None = None
+                   ) -> None:
+        """A config never launched: predicted over the ceiling, a column dominated by a smaller rank, or a column
+        the step-time model predicts slower than the best measured (`outpaced`: its predicted tokens/s, the best
+        measured, the model's error). Same params as a measured child; ends KILLED (it never ran), with the reason."""
         limit = self.space.limit_gib
-        reason = f"predicted {predicted_gib:.3f} GiB > {limit:.3f} GiB (estimate)" if predicted_gib is not None \
-            else "dominated: a smaller rank fits with no more checkpointed layers"
-        logger = self.child(c, "pruned", tags={"status": "pruned",
-                                               "reason": "estimate" if predicted_gib is not None else "dominated"})
-        logger.metrics({"feasible": 0.0, **({"predicted_peak_gib": predicted_gib} if predicted_gib is not None else {})})
+        if outpaced:
+            kind, reason = "outpaced", (f"predicted {outpaced[0]:,.0f} tokens/s at best, more than {outpaced[2]:.0%} "
+                                        f"below the best measured {outpaced[1]:,.0f} (step-time model)")
+        elif predicted_gib is not None:
+            kind, reason = "estimate", f"predicted {predicted_gib:.3f} GiB > {limit:.3f} GiB (estimate)"
+        else:
+            kind, reason = "dominated", "dominated: a smaller rank fits with no more checkpointed layers"
+        logger = self.child(c, "pruned", tags={"status": "pruned", "reason": kind})
+        logger.metrics({"feasible": 0.0, **({"predicted_peak_gib": predicted_gib} if predicted_gib is not None else {}),
+                        **({"predicted_tokens_per_s": outpaced[0]} if outpaced else {})})
         logger.end(ok=False, status="KILLED", reason=f"never run: {reason}")

@@ -36,9 +36,10 @@ def probe_spec(job: dict, c: Config, space: SearchSpaceSpec) -> tuple[JobSpec, P
     return job_from_dict(raw, "probe"), probe
 
 
-def measure(search: Search, c: Config, phase: str, run_name: str, predicted_gib: float | None = None) -> dict:
-    """Probe config `c` and log it to its `phase` child run (a resumed search reuses that run).
-    Returns classify()'s outcome."""
+def measure(search: Search, c: Config, phase: str, run_name: str, predicted_gib: float | None = None,
+            predicted_tokens_per_s: float | None = None) -> dict:
+    """Probe config `c` and log it to its `phase` child run (a resumed search reuses that run), beside what
+    the estimate and the step-time model predicted. Returns classify()'s outcome."""
     spec, probe = probe_spec(search.job.to_dict(), c, search.space)
     logger = search.child(c, phase, reuse=True)
     trainer = make_trainer(spec, run_name, str(search.storage / "train"), search.uri, logger.run_id, probe)
@@ -51,6 +52,7 @@ def measure(search: Search, c: Config, phase: str, run_name: str, predicted_gib:
                    "tokens_per_s": 0.0}
     outcome = classify(summary, search.space.limit_gib)
     logger.prediction(predicted_gib, outcome["peak_gib"])
+    logger.metrics({"predicted_tokens_per_s": predicted_tokens_per_s})
     # At the probe's last step, logged after its per-step values: MLflow shows the latest value of a
     # metric, so the run's tokens_per_s is the summary the search ranks (true accumulation), not step 3's.
     logger.metrics({"feasible": float(outcome["feasible"]), "tokens_per_s": outcome.get("measured_tokens_per_s", 0.0),
@@ -67,5 +69,5 @@ def probe_trial(config: dict, search: dict) -> None:
 
     c = Config(**config["config"])
     outcome = measure(Search.from_dict(search), c, "packed", f"packed-{ray.tune.get_context().get_trial_id()}",
-                      config.get("predicted_peak_gib"))
+                      config.get("predicted_peak_gib"), config.get("predicted_tokens_per_s"))
     ray.tune.report({"score": outcome["tokens_per_s"], **{k: v for k, v in outcome.items() if v is not None}})

@@ -1,0 +1,61 @@
+"""The tuner's speed guide: the step-time model (`runner.estimate.speed`) over a search's grid.
+
+It predicts every config's tokens/s on the card the probes run on (the card in hand, or this CPU), from the
+estimates the memory prediction traced anyway; after each uncontended measurement it refits the calibration's
+coefficients to everything measured so far and predicts again. `FitSearcher` uses the predictions to try the
+fastest columns first and to skip columns that cannot beat the best measured speed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from runner.estimate import speed
+from runner.spec import JobSpec, SearchSpaceSpec
+from runner.tune.search import Config, apply_config
+
+DEFAULT_ERROR = 0.10
+"""The margin a prediction gets until measurements say more: bench/results/predict-*.md's held-out error."""
+
+
+def covered(spec: JobSpec) -> str | None:
+    """Why the step-time model does not predict this lever combination, or None. It prices what it was
+    validated on: full recompute, no offload, the eager kernels (Liger's fused ones are not calibrated)."""
+    ac = spec.activation_checkpointing
+    if ac.policy != "full" or ac.offload or spec.training.kernels != "eager":
+        return "selective recompute, offload and Liger kernels are not in the step-time model"
+    if spec.resources.num_workers > 1:
+        return "several workers (gradient communication) are not in the step-time model"
+    return None
+
+
+class SpeedGuide:
+    def __init__(self, job: JobSpec, space: SearchSpaceSpec, cal: speed.Calibration, estimates: dict[str, Any],
+                 configs: list[Config]):
+        self.cal, self.estimates = cal, estimates
+        self.specs = {c.key: apply_config(job, c, space.lora_alpha_rule) for c in configs}
+        self.specs = {k: s for k, s in self.specs.items() if k in estimates and covered(s) is None}
+        self.observations: list[dict] = list(cal.observations)
+
+    def predictions(self) -> dict[str, float]:
+        out = {}
+        for key, spec in self.specs.items():
+            try:
+                out[key] = speed.predict(self.estimates[key], spec, self.cal).tokens_per_s
+            except ValueError:  # a kind this card's calibration lacks (int8 where bitsandbytes is missing)
+                continue
+        return out
+
+    @property
+    def error(self) -> float:
+        """The relative margin a prediction gets: the model's largest error over what it was fitted to, at
+        least DEFAULT_ERROR (a fit to a handful of configs can be exact on them and still err elsewhere)."""
+        return max(DEFAULT_ERROR, (self.cal.error_pct or 0.0) / 100)
+
+    def observe(self, c: Config, tokens_per_s: float) -> None:
+        """A measured config: refit the coefficients to every measurement so far."""
+        if c.key not in self.specs or tokens_per_s <= 0:
+            return
+        self.observations.append(speed.observation(self.estimates[c.key], self.specs[c.key], self.cal, tokens_per_s,
+                                                   c.key))
+        self.cal = speed.refit(self.cal, self.observations)

@@ -1,0 +1,162 @@
+"""The step-time model (runner.estimate.speed): exact properties of its accounting on CPU, its calibration on
+this CPU, and the tuner's use of it. Its accuracy on GPUs is measured in bench/results/predict-*.md."""
+
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+
+from runner.cards import find_card, load_catalogue
+from runner.estimate import speed
+from runner.estimate.trace import estimate
+from runner.loading import load_job
+from runner.tune.search import Config, FitSearcher, at_k, classify
+
+JOB = "jobs/llama3-8b-lora.yaml"
+
+
+def job(*sets):
+    return load_job(JOB, ["model.init=random", *sets])
+
+
+def h100_like() -> speed.Calibration:
+    """A calibration with round H100-like rates (not a measurement: the tests check the accounting)."""
+    per_flop = {"bf16": 1 / 600e12, "bf16-compile": 1 / 600e12, "fp8": 1 / 800e12, "fp8-compile": 1 / 1000e12,
+                "nf4": 1 / 550e12}
+    per_weight = {"nf4": 3e-12}
+    linear = {k: {d: [per_weight.get(k, 0.0), f] for d in ("forward", "backward")} for k, f in per_flop.items()}
+    return speed.Calibration(card="H100", torch=torch.__version__, source="test", shape={}, linear=linear,
+                             attention_tflops={"1024": 300.0, "4096": 450.0}, bandwidth_gbs=3000.0, launch_us=5.0)
+
+
+@pytest.fixture(scope="module")
+def estimates():
+    specs = {name: job(*sets) for name, sets in {
+        "k0": ["activation_checkpointing.layers=all", "activation_checkpointing.layers=none"],
+        "k32": ["activation_checkpointing.layers=all"],
+        "fp8-k12": ["model.quantization=fp8", "training.compile=true", "training.micro_batch_size=2",
+                    "training.gradient_accumulation_steps=8", "activation_checkpointing.layers=none",
+                    "activation_checkpointing.count=12"],
+    }.items()}
+    return {name: (spec, estimate(spec)) for name, spec in specs.items()}
+
+
+def test_terms_add_up_and_recompute_costs_time(estimates):
+    cal = h100_like()
+    for spec, est in estimates.values():
+        p = speed.predict(est, spec, cal)
+        assert p.step_s == pytest.approx(sum(p.terms_s.values()))
+        tokens = est.tokens * spec.training.gradient_accumulation_steps
+        assert p.tokens_per_s == pytest.approx(tokens / p.step_s)
+        assert set(p.terms_s) == set(speed.TERMS)
+    (s0, e0), (s32, e32) = estimates["k0"], estimates["k32"]
+    p0, p32 = speed.predict(e0, s0, cal), speed.predict(e32, s32, cal)
+    assert p0.terms_s["recompute"] == 0 < p32.terms_s["recompute"]
+    assert p32.tokens_per_s < p0.tokens_per_s
+    # every layer recomputed: one more forward of each frozen linear per layer, on top of forward + backward
+    assert p32.terms_s["recompute"] > 0.4 * p32.terms_s["matmul"] / 2
+
+
+def test_refit_recovers_the_coefficients_that_made_the_measurements(estimates):
+    """Measurements made by the model itself with known coefficients: the refit (no pull toward the priors)
+    finds them, and predicts every config exactly."""
+    cal = h100_like()
+    truth = {**speed.PRIORS, "matmul": 1.15, "attention": 1.3, "memory_eager": 0.8, "memory_compiled": 0.3,
+             "launch_eager": 2.0, "launch_compiled": 0.5, "optimizer": 1.0, "overhead_s": 0.02, "micro_overhead_s": 0.002}
+    true_cal = replace(cal, coefficients=truth)
+    rng = random.Random(0)
+    observations, specs = [], []
+    for i in range(14):
+        levers = dict(q=rng.choice(["none", "fp8"]), compile=rng.choice([True, False]), k=rng.choice([0, 8, 16, 32]),
+                      mb=rng.choice([1, 2]), seq=rng.choice([1024, 2048]))
+        spec = job(f"model.quantization={levers['q']}", f"training.compile={str(levers['compile']).lower()}",
+                   "activation_checkpointing.layers=none", f"activation_checkpointing.count={levers['k']}",
+                   f"training.micro_batch_size={levers['mb']}", f"training.gradient_accumulation_steps={16 // levers['mb']}",
+                   f"data.sequence_len={levers['seq']}")
+        est = estimate(spec)
+        observations.append(speed.observation(est, spec, cal, speed.predict(est, spec, true_cal).tokens_per_s, str(i)))
+        specs.append((spec, est))
+    fitted = speed.refit(cal, observations, strength=0.0)
+    # (the optimizer's and the per-step overhead's shares are alike at one rank: only their sum is identified)
+    for name in ("matmul", "attention", "memory_eager", "memory_compiled", "launch_eager"):
+        assert fitted.coefficients[name] == pytest.approx(truth[name], rel=1e-3), name
+    assert fitted.error_pct < 1e-6
+    for spec, est in specs:
+        assert speed.predict(est, spec, fitted).tokens_per_s == pytest.approx(speed.predict(est, spec, true_cal).tokens_per_s)
+
+
+def test_another_card_is_the_calibration_scaled_by_the_datasheets(estimates):
+    catalogue = load_catalogue()
+    h100, l4 = find_card("H100", catalogue), find_card("L4", catalogue)
+    cal = h100_like()
+    scaled = speed.for_card(cal, h100, l4)
+    assert scaled.source.startswith("datasheet-scaled from H100")
+    assert scaled.bandwidth_gbs == pytest.approx(cal.bandwidth_gbs * l4.bandwidth_gbs / h100.bandwidth_gbs)
+    fwd = scaled.linear["fp8-compile"]["forward"][1]
+    assert fwd == pytest.approx(cal.linear["fp8-compile"]["forward"][1] * h100.fp8_tflops / l4.fp8_tflops)
+    spec, est = estimates["fp8-k12"]
+    slow, fast = speed.predict(est, spec, scaled), speed.predict(est, spec, cal)
+    assert slow.tokens_per_s < fast.tokens_per_s
+    a10g = find_card("A10G", catalogue)  # no fp8 tensor cores: no fp8 rate to predict with
+    with pytest.raises(ValueError, match="fp8"):
+        speed.predict(est, spec, speed.for_card(cal, h100, a10g))
+
+
+def test_this_cpus_calibration_is_measured_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path))
+    spec = load_job("jobs/tiny-cpu.yaml")
+    cal = speed.calibration_for(spec, None, load_catalogue())
+    assert cal.source == "measured on CPU" and cal.bandwidth_gbs > 0 and cal.launch_us > 0
+    assert all(r > 0 for r in cal.attention_tflops.values())
+    again = speed.calibration_for(spec, None, load_catalogue())
+    assert again == cal  # read back from the cache, not measured again
+    p, card = speed.predict_job(spec, estimate(spec), None, load_catalogue())
+    assert card == "CPU" and p.tokens_per_s > 0
+
+
+def test_a_gpu_job_without_a_card_in_hand_uses_the_shipped_calibration(tmp_path, monkeypatch):
+    monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path))
+    if not speed.shipped():
+        pytest.skip("no calibration shipped yet")
+    spec = load_job("jobs/llama3-8b-lora-l4.yaml", ["model.init=random"])
+    catalogue = load_catalogue()
+    p, card = speed.predict_job(spec, estimate(spec), find_card("L4", catalogue), catalogue)
+    assert card == "L4" and "datasheet-scaled" in p.source and p.tokens_per_s > 0
+
+
+def oracle_speed(c: Config) -> float:
+    return 10000.0 / (1 + 0.02 * c.k) * (1 + 0.1 * (c.micro_batch_size - 1)) * (1 - 0.001 * c.r)
+
+
+def oracle_gib(c: Config) -> float:
+    return 15.0 + 0.004 * c.r + c.micro_batch_size * (0.55 * (32 - c.k) + 1.5) + 0.3
+
+
+def run_search(searcher: FitSearcher) -> list[Config]:
+    launched = []
+    while (c := searcher.next_config()) != "done":
+        launched.append(c)
+        searcher.record(c, classify({"peak_gib": oracle_gib(c), "tokens_per_s": oracle_speed(c), "oom": 0},
+                                    searcher.limit_gib))
+    return launched
+
+
+def test_the_speed_guided_search_probes_fewer_configs_for_the_same_winner():
+    """Predicted speeds within 5% of the truth: the searcher tries the fastest columns first and skips the
+    columns that cannot beat what it measured; its winner is the exhaustive search's."""
+    columns = [Config(r, mb, 16 // mb, "first", None) for r in (8, 16) for mb in (1, 2, 4, 8)]
+    ks = list(range(33))
+    rng = random.Random(1)
+    grid = [at_k(col, k) for col in columns for k in ks]
+    predicted = {c.key: oracle_gib(c) for c in grid}
+    plain = FitSearcher(columns, ks, 23.5, dict(predicted), prune_dominated=False)
+    guided = FitSearcher(columns, ks, 23.5, dict(predicted), prune_dominated=False)
+    guided.speed, guided.speed_error = {c.key: oracle_speed(c) * rng.uniform(0.95, 1.05) for c in grid}, 0.05
+    all_probes, few_probes = run_search(plain), run_search(guided)
+
+    def winner(s):
+        return max(s.best_per_column(), key=lambda r: r["tokens_per_s"])["config"]
+    assert winner(guided) == winner(plain)
+    assert len(few_probes) < len(all_probes) / 2, (len(few_probes), len(all_probes))
+    assert guided.outpaced and not plain.outpaced
