@@ -113,8 +113,8 @@ def _measure_one(spec, data_cache: dict, device) -> dict:
     tokens_micro = t.micro_batch_size * spec.data.sequence_len
     out = {"tokens_per_s": tokens_micro / (micro_s + opt_s / t.gradient_accumulation_steps),
            "micro_batch_time_s": micro_s, "optimizer_time_s": opt_s, "micro_spread": [min(micro), max(micro)],
-           "peak_reserved_gib": torch.cuda.max_memory_reserved() / 1024**3 if cuda else None, "setup_and_steps_s": time.perf_counter() - start,
-           "loss": m["loss"]}
+           "peak_reserved_gib": torch.cuda.max_memory_reserved() / 1024**3 if cuda else None,
+           "setup_and_steps_s": time.perf_counter() - start, "loss": m["loss"]}
     del trainable, optimizer, scheduler, params
     gc.collect()
     torch._dynamo.reset()
@@ -164,8 +164,9 @@ def measure(out: Path, only: list[str] | None, smoke: bool = False) -> None:
                 torch.cuda.empty_cache()
             except Exception as e:  # one config's failure must not cost the others' measurements
                 measured = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-            line = {**env, "suite": "predict-speed", "job": job, "calibration_s": calib_s, "name": name, "levers": levers,
-                    "sets": sets_of(levers) + (smoke_sets if smoke else []), "measured": measured, "work": est.work, "tokens": est.tokens,
+            line = {**env, "suite": "predict-speed", "job": job, "calibration_s": calib_s, "name": name,
+                    "levers": levers, "sets": sets_of(levers) + (smoke_sets if smoke else []), "measured": measured,
+                    "work": est.work, "tokens": est.tokens,
                     "k": est.num_checkpointed_layers, "lora_params_gib": est.components_gib["lora_params"],
                     "predicted_uncalibrated": speed.predict(est, spec, cal).tokens_per_s,
                     "command": " ".join(sys.argv)}
@@ -220,7 +221,8 @@ def report(dirs: list[Path], md: Path | None) -> str:
                 f"- command: `{first['command']}`; calibration microbenchmark {first['calibration_s']:.1f} s",
                 f"- coefficients fitted on {len(fitted.observations)} calibration configs "
                 f"({', '.join(CALIBRATION)}): " + ", ".join(f"{k} {v:.3g}" for k, v in fitted.coefficients.items()),
-                "", "| config | set | measured tokens/s | predicted | error % | dominant term |", "| --- | --- | --- | --- | --- | --- |"]
+                "", "| config | set | measured tokens/s | predicted | error % | dominant term |",
+                "| --- | --- | --- | --- | --- | --- |"]
         errors = []
         for x in lines:
             if "tokens_per_s" not in x["measured"]:

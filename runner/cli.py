@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--exhaustive", action="store_true",
                    help="search every column, probes packed on the card (default: the step-time model orders the "
                         "columns, skips those that cannot win, and probes run one at a time)")
+    p.add_argument("--gpus", metavar="A,B,...", help="also rank these catalogued cards by $ per 1M trained tokens: "
+                   "each card's fastest config that fits it (measured on the card in hand, predicted elsewhere)")
+    p.add_argument("--prices", metavar="FILE", help="YAML of $ per hour by card name, over the catalogue's prices")
     p.add_argument("--cheapest", action="store_true",
                    help="the fastest config at any LoRA rank (default: at the highest rank listed that fits); "
                         "a smaller rank trades adapter capacity, i.e. quality, for speed")
@@ -171,7 +174,7 @@ def _tune(args, job: JobSpec, space: SearchSpaceSpec) -> int:
 
     run_tune(job, space, TuneOptions(resume=args.resume, gpu_hour_price=args.gpu_hour_price, winner_path=args.out,
                                      file_init=load_job(args.job).model.init, cheapest=args.cheapest,
-                                     exhaustive=args.exhaustive))
+                                     exhaustive=args.exhaustive, gpus=args.gpus, prices=args.prices))
     return 0
 
 

@@ -329,7 +329,6 @@ def _bench_linear(kind: str, shape: dict[str, int], dtype: torch.dtype, device: 
         per_token = max(0.0, (t1 - t0) / (n1 - n0))
         fixed = max(0.0, t0 - per_token * n0)
         out[name] = [fixed / weights, per_token / (2 * weights)]
-    del m
     return out
 
 

@@ -19,9 +19,10 @@ from typing import Any
 
 from runner.cards import MEASURED_ON, card_in_hand, load_catalogue, outside_allocator_gib
 from runner.loading import job_from_dict
-from runner.spec import JobSpec, SearchSpaceSpec
+from runner.spec import JobSpec, SearchSpaceSpec, SpecError
 from runner.storage import Location
 from runner.tracking import start_run, tracking_uri, without_credentials
+from runner.tune.cheapest import load_prices, parse_cards
 from runner.tune.report import Outcome, TuneOptions, fastest_per_rank, summarise
 from runner.tune.search import Config, FitSearcher, RandomSearcher, expand
 from runner.tune.session import Search
@@ -227,6 +228,11 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, options: TuneOptions = TuneOp
     check_available(job.training)
     num_layers = model_config(job.model, allow_builtin=True).num_hidden_layers
     columns, ks = expand(job, space, num_layers)  # raises SpecError before anything runs
+    catalogue = load_catalogue(job.resources.gpu_catalogue)
+    cards = parse_cards(options.gpus, catalogue) if options.gpus else []  # bad names or prices: before any run
+    if cards and not job.resources.use_gpu:
+        raise SpecError("--gpus", ["--gpus ranks GPU cards: the job needs resources.use_gpu: true"])
+    prices = load_prices(options.prices, cards, catalogue) if cards else {}
     out = Location(job.output_dir)
     out.mkdir()
     uri = tracking_uri(job.tracking)
@@ -250,7 +256,7 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, options: TuneOptions = TuneOp
     inner = RandomSearcher(columns, ks, space.limit_gib, num_samples=space.num_samples, **kw) \
         if space.searcher == "random" else FitSearcher(columns, ks, space.limit_gib, **kw)
     searcher = tune_searcher_class()(inner, state_file, _on_result)
-    guide = None
+    guide, estimates = None, {}
     if options.resume and parent_file.exists() and state_file.exists():
         search = Search(job, space, uri, parent_file.read_text().strip(), out)
         searcher.restore(str(state_file))
@@ -273,8 +279,34 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, options: TuneOptions = TuneOp
             if guided:
                 guide = _speed_guide(job, space, estimates, [c.at_k(k) for c in columns for k in ks], inner)
                 searcher.on_result = partial(_on_result_guided, guide=guide, inner=inner, n_concurrent=n_concurrent)
-        return _search_and_report(search, searcher, inner, grid_size=len(columns) * len(ks), n_concurrent=n_concurrent,
-                                  options=options, state_file=state_file, started=started)
+        summary = _search_and_report(search, searcher, inner, grid_size=len(columns) * len(ks),
+                                     n_concurrent=n_concurrent, options=options, state_file=state_file, started=started)
+    if cards:
+        summary["cards"] = _cheapest(search, columns, ks, num_layers, estimates, cards, catalogue, prices, guide, summary)
+    return summary
+
+
+def _cheapest(search: Search, columns: list[Config], ks: list[int], num_layers: int, estimates: dict, cards: list,
+              catalogue: dict, prices: dict, guide, summary: dict) -> list[dict]:
+    """`--gpus`: every named card's cheapest config by $ per 1M tokens, printed and logged to the parent."""
+    from runner.estimate.speed import calibration_for
+    from runner.tune.cheapest import rank_cards, table
+
+    job = search.job
+    configs = [c.at_k(k) for c in columns for k in ks]
+    if not estimates:  # --exhaustive, or a search without the estimate: trace the grid for the cards now
+        _, estimates = predict_all(job, search.space, columns, ks, "cuda", num_layers)
+    reference = guide.cal if guide else calibration_for(job, None, catalogue)
+    in_hand = card_in_hand()
+    measured = {}
+    if in_hand and summary.get("winner") and job.resources.gpu in (None, in_hand.name):  # the search ran on it, whole
+        measured[in_hand.name] = {"config": Config(**summary["winner_config"]), "tokens_per_s": summary["winner_tokens_per_s"]}
+    rows = rank_cards(job, search.space, configs, estimates, cards, catalogue, prices, reference, measured)
+    text = table(rows)
+    print("\ncheapest card x config ($ per 1M trained tokens; measured on the card in hand, predicted elsewhere):\n"
+          + text, flush=True)
+    search.parent.text(text, "cards.md")
+    return rows
 
 
 def _search_and_report(search: Search, searcher, inner: FitSearcher, grid_size: int, n_concurrent: int,

@@ -30,6 +30,8 @@ class TuneOptions:
     file_init: str | None = None                 # the job file's model.init, when a dry run overrode it
     cheapest: bool = False                       # the fastest config at any LoRA rank, not the highest rank's
     exhaustive: bool = False                     # search every column (no step-time model), probes packed
+    gpus: str | None = None                      # `--gpus L4,A10G,H100`: rank these cards by $ per 1M tokens
+    prices: str | None = None                    # `--prices FILE`: $/hour per card, over the catalogue's
     winner_base: JobSpec | None = None           # the job as given (paths as written), set by run_tune
 
 
