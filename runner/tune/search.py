@@ -285,7 +285,8 @@ class FitSearcher:
         """The column's best predicted speed: at its smallest open k predicted to fit (fewest recomputed layers),
         else its smallest open k; None without predictions."""
         candidates = candidates if candidates is not None else self.ks
-        fits = [k for k in candidates if self.predicted.get(column.at_k(k).key, -math.inf) <= self.limit_gib]             or candidates
+        fits = [k for k in candidates
+                if self.predicted.get(column.at_k(k).key, -math.inf) <= self.limit_gib] or candidates
         return self.speed.get(column.at_k(fits[0]).key) if fits else None
 
     def best_measured_speed(self) -> float:
