@@ -160,3 +160,19 @@ def test_the_speed_guided_search_probes_fewer_configs_for_the_same_winner():
     assert winner(guided) == winner(plain)
     assert len(few_probes) < len(all_probes) / 2, (len(few_probes), len(all_probes))
     assert guided.outpaced and not plain.outpaced
+
+
+def test_fitrun_estimate_prints_the_predicted_speed(root, monkeypatch, tmp_path, capsys):
+    import json
+
+    from runner.cli import main
+
+    monkeypatch.chdir(root)
+    monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path))
+    assert main(["estimate", "jobs/tiny-cpu.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "speed on CPU: ~" in out and "tokens/s predicted" in out and "dominant:" in out
+    assert main(["estimate", "jobs/tiny-cpu.yaml", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["predicted_tokens_per_s"] > 0 and doc["speed"]["card"] == "CPU"
+    assert set(doc["speed"]["terms_s"]) == set(speed.TERMS)
