@@ -176,3 +176,44 @@ def test_fitrun_estimate_prints_the_predicted_speed(root, monkeypatch, tmp_path,
     doc = json.loads(capsys.readouterr().out)
     assert doc["predicted_tokens_per_s"] > 0 and doc["speed"]["card"] == "CPU"
     assert set(doc["speed"]["terms_s"]) == set(speed.TERMS)
+
+
+def test_the_cheapest_card_table(tmp_path):
+    """--gpus: each card's fastest config that fits it and that it can run, by $ per 1M tokens; prices from the
+    catalogue or a file; a card not in hand is predicted, the searched card's measured winner stands."""
+    from runner.loading import load_search_space
+    from runner.spec import SpecError
+    from runner.tune.cheapest import load_prices, parse_cards, rank_cards, table
+    from runner.tune.search import expand
+
+    catalogue = load_catalogue()
+    base = job()
+    space = load_search_space("search_spaces/fit-24gb-quant.yaml")
+    columns, ks = expand(base, space, 32)
+    columns = [c for c in columns if c.r == 16][:4]
+    ks = [0, 16, 32]
+    configs = [c.at_k(k) for c in columns for k in ks]
+    from runner.tune.search import apply_config
+    estimates = {c.key: estimate(apply_config(base, c, space.lora_alpha_rule)) for c in configs}
+    cards = parse_cards("L4, A10G,H100", catalogue)
+    (tmp_path / "prices.yaml").write_text("L4: 0.5\n")
+    prices = load_prices(str(tmp_path / "prices.yaml"), cards, catalogue)
+    assert prices["L4"] == 0.5 and prices["A10G"] == find_card("A10G", catalogue).price_usd_hour
+    winner = configs[0]
+    rows = rank_cards(base, space, configs, estimates, cards, catalogue, prices, h100_like(),
+                      measured={"H100": {"config": winner, "tokens_per_s": 12000.0}})
+    by_card = {r["gpu"]: r for r in rows}
+    assert by_card["H100"]["source"] == "measured" and by_card["H100"]["tokens_per_s"] == 12000.0
+    assert by_card["L4"]["source"].startswith("predicted (datasheet-scaled from H100")
+    assert "fp8" not in (by_card["A10G"]["config"] or "")  # no fp8 tensor cores on an A10G
+    costs = [r.get("usd_per_1m_tokens") or float("inf") for r in rows]
+    assert costs == sorted(costs)
+    for r in rows:
+        if r.get("tokens_per_s"):
+            assert r["usd_per_1m_tokens"] == pytest.approx(r["usd_per_hour"] / (r["tokens_per_s"] * 3600) * 1e6)
+    assert "$ per 1M tokens" in table(rows)
+    with pytest.raises(SpecError, match="unknown GPU"):
+        parse_cards("L4,NoSuchCard", catalogue)
+    (tmp_path / "bad.yaml").write_text("L4: -1\n")
+    with pytest.raises(SpecError, match="positive"):
+        load_prices(str(tmp_path / "bad.yaml"), cards, catalogue)

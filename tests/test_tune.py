@@ -250,6 +250,9 @@ def test_cpu_search_matches_brute_force(root, search_on_server):
     probes = [r for r in children if r["data"]["tags"].get("fitrun_phase") != "quality"]
     assert all("predicted_peak_gib" in r["data"]["metrics"] for r in probes
                if r["data"]["tags"].get("status") != "pruned" or r["data"]["tags"].get("reason") == "estimate")
+    # The step-time model beside each measurement, and its error over the search on the parent.
+    assert all("predicted_tokens_per_s" in r["data"]["metrics"] for r in probes if r["data"]["tags"].get("status") == "ok")
+    assert {"speed_model_error_median_pct", "speed_model_error_max_pct"} <= set(parents[0]["data"]["metrics"])
     # Rank as a quality choice: each rank's fastest config trained the same tokens, then evaluated.
     quality = {r["data"]["tags"]["fitrun_config"]: r for r in children if r["data"]["tags"].get("fitrun_phase") == "quality"}
     fitting_ranks = {r["data"]["params"]["r"] for r in probes if r["data"]["tags"].get("status") == "ok"}
