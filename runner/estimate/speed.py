@@ -444,11 +444,11 @@ def _reference(shape: dict[str, int]) -> Calibration | None:
     return next((c for c in ships if c.shape == shape), ships[0] if ships else None)
 
 
-def calibration_for(job, card: Card | None, catalogue: dict[str, Card]) -> Calibration | None:
+def calibration_for(job, card: Card | None, catalogue: dict[str, Card]) -> Calibration:
     """The calibration that predicts `job` on `card` (default: the job's own device): on a CPU job, this CPU's
     (measured once, cached); with a catalogued GPU in hand, its own (measured once per torch version and model
     shape, cached, refitted by `fitrun tune`'s measurements), scaled to `card` if that is another; else the
-    calibration shipped with fitrun, scaled to `card`. None where none applies (an uncatalogued card)."""
+    calibration shipped with fitrun, scaled to `card`. ValueError, saying why, where none applies."""
     from runner.cards import card_in_hand, find_card
     from runner.model import model_config, resolve_dtype
 
@@ -466,10 +466,12 @@ def calibration_for(job, card: Card | None, catalogue: dict[str, Card]) -> Calib
         cal = _reference(shape)
         measured_on = find_card(cal.card, catalogue) if cal else None
         if measured_on is None:
-            return None
+            raise ValueError("no calibration: no catalogued GPU here and none shipped; run `fitrun estimate` on a "
+                             "machine with one (it calibrates that card in seconds)")
     target = card or measured_on
-    if target.memory_total_mib and target.compute_capability >= 99:  # --gpu-memory-gib: a card known by its total
-        return None
+    if target.compute_capability >= 99:  # --gpu-memory-gib: a card known only by its total
+        raise ValueError("a card known only by its memory total has no datasheet figures to scale a calibration by: "
+                         "name it (--gpu NAME; add it to a catalogue file)")
     return for_card(cal, measured_on, target)
 
 
@@ -484,8 +486,6 @@ def predict_job(job, est, card: Card | None, catalogue: dict[str, Card]) -> tupl
         cal = calibration_for(job, card, catalogue)
     except ValueError as e:
         return None, str(e)
-    if cal is None:
-        return None, "no calibration applies (a card known only by its memory total)"
     try:
         return predict(est, job, cal), cal.card
     except ValueError as e:

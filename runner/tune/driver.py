@@ -183,9 +183,10 @@ def _speed_guide(job: JobSpec, space: SearchSpaceSpec, estimates: dict, configs:
     from runner.estimate.speed import calibration_for
     from runner.tune.guide import SpeedGuide
 
-    cal = calibration_for(job, None, load_catalogue(job.resources.gpu_catalogue))
-    if cal is None:
-        print("speed: no calibration for this card: every column is searched", flush=True)
+    try:
+        cal = calibration_for(job, None, load_catalogue(job.resources.gpu_catalogue))
+    except ValueError as e:
+        print(f"speed: not predicted ({e}): every column is searched", flush=True)
         return None
     guide = SpeedGuide(job, space, cal, estimates, configs)
     for res in inner.results.values():
@@ -296,7 +297,11 @@ def _cheapest(search: Search, columns: list[Config], ks: list[int], num_layers: 
     configs = [c.at_k(k) for c in columns for k in ks]
     if not estimates:  # --exhaustive, or a search without the estimate: trace the grid for the cards now
         _, estimates = predict_all(job, search.space, columns, ks, "cuda", num_layers)
-    reference = guide.cal if guide else calibration_for(job, None, catalogue)
+    try:
+        reference = guide.cal if guide else calibration_for(job, None, catalogue)
+    except ValueError as e:
+        print(f"speed: not predicted on other cards ({e})", flush=True)
+        reference = None
     in_hand = card_in_hand()
     measured = {}
     if in_hand and summary.get("winner") and job.resources.gpu in (None, in_hand.name):  # the search ran on it, whole
