@@ -46,22 +46,9 @@ def tune_searcher_class():
             self.finished = False
 
         def suggest(self, trial_id: str):
-            before, before_columns = set(self.inner.pruned), set(self.inner.dominated)
-            before_outpaced = set(self.inner.outpaced)
+            before = set(self.inner.pruned), set(self.inner.dominated), set(self.inner.outpaced)
             nxt = self.inner.next_config()
-            for column in set(self.inner.outpaced) - before_outpaced:
-                if self.on_pruned:
-                    self.on_pruned(column, None, outpaced=(self.inner.outpaced[column],
-                                                           self.inner.best_measured_speed(), self.inner.speed_error))
-            new_keys = set(self.inner.pruned) - before
-            by_key = {c.at_k(k).key: c.at_k(k) for c in self.inner.columns for k in self.inner.ks} if new_keys else {}
-            new_pruned = [(by_key[key], self.inner.pruned[key]) for key in new_keys] + \
-                [(column, None) for column in set(self.inner.dominated) - before_columns]
-            if new_pruned:
-                self.save(str(self.state_path))
-            for config, predicted in new_pruned:
-                if self.on_pruned:
-                    self.on_pruned(config, predicted)
+            self._log_pruned_since(*before)
             if nxt == "done":
                 self.finished = True
                 return Searcher.FINISHED
@@ -70,6 +57,13 @@ def tune_searcher_class():
             self.inner.pending[trial_id] = nxt
             return {"config": asdict(nxt), "predicted_peak_gib": self.inner.predicted.get(nxt.key),
                     "predicted_tokens_per_s": self.inner.speed.get(nxt.key)}
+
+        def _log_pruned_since(self, *before: set) -> None:
+            """What the last suggestion ruled out without running it: state saved, each logged (on_pruned)."""
+            if new := ruled_out_since(self.inner, *before):
+                self.save(str(self.state_path))
+            for config, predicted, slower in new if self.on_pruned else ():
+                self.on_pruned(config, predicted, outpaced=slower)
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
             from runner.tune.search import classify
@@ -94,6 +88,18 @@ def tune_searcher_class():
             self.inner.load_state_dict(json.loads(Location(checkpoint_path).read_text()))
 
     return TuneFitSearcher
+
+
+def ruled_out_since(inner: FitSearcher, pruned: set, dominated: set, outpaced: set) -> list[tuple]:
+    """(config or column, its predicted GiB, (predicted tokens/s, best measured, the model's error)) for each config
+    the searcher pruned by the estimate, column it found dominated, or column it found outpaced, since `pruned`,
+    `dominated` and `outpaced` were taken."""
+    new_keys = set(inner.pruned) - pruned
+    by_key = {c.at_k(k).key: c.at_k(k) for c in inner.columns for k in inner.ks} if new_keys else {}
+    return [(by_key[key], inner.pruned[key], None) for key in new_keys] + \
+        [(column, None, None) for column in set(inner.dominated) - dominated] + \
+        [(column, None, (inner.outpaced[column], inner.best_measured_speed(), inner.speed_error))
+         for column in set(inner.outpaced) - outpaced]
 
 
 def predict_all(job: JobSpec, space: SearchSpaceSpec, columns: list[Config], ks: list[int], target: str,

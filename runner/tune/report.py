@@ -61,12 +61,7 @@ def summarise(search: Search, outcome: Outcome, options: TuneOptions) -> dict[st
     inner, space, parent, out, exclusive = outcome.inner, search.space, search.parent, search.out, outcome.exclusive
     wall_s = (datetime.datetime.now() - outcome.started).total_seconds()
     results = list(inner.results.values())
-    counts = {"trials_run": len(results), "grid_size": outcome.grid_size, "pruned": len(inner.pruned),
-              "dominated_columns": len(inner.dominated),
-              "infeasible": sum(r["status"] == "infeasible" for r in results),
-              "errors": sum(r["status"] == "error" for r in results), "exclusive_runs": len(exclusive),
-              "outpaced_columns": len(inner.outpaced)}
-    counts.update(speed_model_errors(results))
+    counts = search_counts(inner, outcome.grid_size, len(exclusive))
     front = pareto([r for r in results if r["feasible"]])
     table = trial_table(inner, exclusive)
     front_lines = ["| config | peak GiB | tokens/s |", "| --- | --- | --- |"] + \
@@ -117,6 +112,15 @@ def summarise(search: Search, outcome: Outcome, options: TuneOptions) -> dict[st
     summary.update(winner=c.key, winner_config=asdict(c), winner_tokens_per_s=tokens_per_s,
                    winner_peak_gib=winner["peak_gib"], winner_path=str(path), exclusive=dict(exclusive))
     return summary
+
+
+def search_counts(inner, grid_size: int, exclusive_runs: int) -> dict[str, float]:
+    """What the search ran, ruled out and found, and the step-time model's error over it."""
+    results = list(inner.results.values())
+    return {"trials_run": len(results), "grid_size": grid_size, "pruned": len(inner.pruned),
+            "dominated_columns": len(inner.dominated), "infeasible": sum(r["status"] == "infeasible" for r in results),
+            "errors": sum(r["status"] == "error" for r in results), "exclusive_runs": exclusive_runs,
+            "outpaced_columns": len(inner.outpaced), **speed_model_errors(results)}
 
 
 def speed_model_errors(results: list[dict]) -> dict[str, float]:
