@@ -57,6 +57,9 @@ CONFIGS = {
     "h-none-k24-s4096-r64": dict(q="none", k=24, mb=1, compile=False, seq=4096, r=64),
     "h-fp8c-k4-s8192": dict(q="fp8", k=4, mb=1, compile=True, seq=8192),
 }
+# Measured in this order: fit and held-out configs alternate, so a command cut short still has both.
+ORDER = [name for pair in zip(CALIBRATION, [n for n in CONFIGS if n not in CALIBRATION]) for name in pair] + \
+    [n for n in CONFIGS if n not in CALIBRATION][len(CALIBRATION):]
 GLOBAL_SEQUENCES = 16
 WARMUP, MEASURED = 1, 2
 
@@ -147,7 +150,8 @@ def measure(out: Path, only: list[str] | None, smoke: bool = False) -> None:
     data_cache: dict = {}
     deadline = time.monotonic() + float(os.environ.get("PREDICT_LIMIT_S", "1e9"))
     with (out / "measured.jsonl").open("a") as f:
-        for name, levers in CONFIGS.items():
+        for name in ORDER:
+            levers = CONFIGS[name]
             if time.monotonic() > deadline:
                 print(f"{name}: skipped (PREDICT_LIMIT_S reached)", flush=True)
                 continue
