@@ -104,6 +104,18 @@ class Prediction:
                 f"step time by term: {shares} (dominant: {self.dominant})")
 
 
+def unmodelled(spec) -> str | None:
+    """Why the step-time model does not predict this lever combination, or None. It prices what it was built
+    and checked for: full recompute, no offload, the eager kernels (Liger's fused ones are not calibrated), one
+    worker (gradient communication is not in it)."""
+    ac = spec.activation_checkpointing
+    if ac.policy != "full" or ac.offload or spec.training.kernels != "eager":
+        return "selective recompute, offload and Liger kernels are not in the step-time model"
+    if spec.resources.num_workers > 1:
+        return "several workers (gradient communication) are not in the step-time model"
+    return None
+
+
 def linear_kind(spec) -> str:
     """Which frozen-linear rate a job's base uses."""
     q = spec.model.quantization
@@ -482,6 +494,8 @@ def _stored(cal: Calibration) -> Calibration:
 
 def predict_job(job, est, card: Card | None, catalogue: dict[str, Card]) -> tuple[Prediction | None, str]:
     """(the prediction, the card's name) for `fitrun estimate` and the tuner, or (None, why not)."""
+    if reason := unmodelled(job):
+        return None, reason
     try:
         cal = calibration_for(job, card, catalogue)
     except ValueError as e:

@@ -17,7 +17,6 @@ import yaml
 from runner.cards import Card, find_card, fit_on, unknown_card_message
 from runner.estimate import speed
 from runner.spec import SpecError
-from runner.tune.guide import covered
 from runner.tune.search import Config, apply_config
 
 
@@ -98,7 +97,7 @@ def _fastest_predicted(job, space, configs, estimates, card: Card, catalogue, re
         spec = apply_config(job, c, space.lora_alpha_rule)
         fit = fit_on(card, catalogue, est.peak_reserved_gib, spec.compute_dtype, spec.model.quantization,
                      workers=spec.resources.num_workers)
-        if not fit.fits or covered(spec) is not None:
+        if not fit.fits or speed.unmodelled(spec) is not None:
             continue
         try:
             p = speed.predict(est, spec, cal)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from runner.estimate import speed
+from runner.estimate.speed import unmodelled
 from runner.spec import JobSpec, SearchSpaceSpec
 from runner.tune.search import Config, apply_config
 
@@ -18,23 +19,12 @@ DEFAULT_ERROR = 0.10
 """The margin a prediction gets until measurements say more: bench/results/predict-*.md's held-out error."""
 
 
-def covered(spec: JobSpec) -> str | None:
-    """Why the step-time model does not predict this lever combination, or None. It prices what it was
-    validated on: full recompute, no offload, the eager kernels (Liger's fused ones are not calibrated)."""
-    ac = spec.activation_checkpointing
-    if ac.policy != "full" or ac.offload or spec.training.kernels != "eager":
-        return "selective recompute, offload and Liger kernels are not in the step-time model"
-    if spec.resources.num_workers > 1:
-        return "several workers (gradient communication) are not in the step-time model"
-    return None
-
-
 class SpeedGuide:
     def __init__(self, job: JobSpec, space: SearchSpaceSpec, cal: speed.Calibration, estimates: dict[str, Any],
                  configs: list[Config]):
         self.cal, self.estimates = cal, estimates
         self.specs = {c.key: apply_config(job, c, space.lora_alpha_rule) for c in configs}
-        self.specs = {k: s for k, s in self.specs.items() if k in estimates and covered(s) is None}
+        self.specs = {k: s for k, s in self.specs.items() if k in estimates and unmodelled(s) is None}
         self.observations: list[dict] = list(cal.observations)
 
     def predictions(self) -> dict[str, float]:
