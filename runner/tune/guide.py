@@ -2,7 +2,8 @@
 
 It predicts every config's tokens/s on the card the probes run on (the card in hand, or this CPU), from the
 estimates the memory prediction traced anyway; after each uncontended measurement it refits the calibration's
-coefficients to everything measured so far and predicts again. `FitSearcher` uses the predictions to try the
+coefficients to everything measured so far (and stores it: `fitrun estimate` on this card then uses the fit and
+its error band) and predicts again. `FitSearcher` uses the predictions to try the
 fastest columns first and to skip columns that cannot beat the best measured speed.
 """
 
@@ -49,3 +50,5 @@ class SpeedGuide:
         self.observations.append(speed.observation(self.estimates[c.key], self.specs[c.key], self.cal, tokens_per_s,
                                                    c.key))
         self.cal = speed.refit(self.cal, self.observations)
+        if self.cal.source.startswith("measured on"):  # this card's own calibration: the next estimate uses the fit
+            speed.store(self.cal)
