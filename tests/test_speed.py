@@ -98,6 +98,8 @@ def test_another_card_is_the_calibration_scaled_by_the_datasheets(estimates):
     spec, est = estimates["fp8-k12"]
     slow, fast = speed.predict(est, spec, scaled), speed.predict(est, spec, cal)
     assert slow.tokens_per_s < fast.tokens_per_s
+    t4 = speed.for_card(cal, h100, find_card("T4", catalogue))  # no bf16: its jobs run fp16, at the fp16 rate
+    assert "fp16" in t4.linear and "bf16" not in t4.linear and "fp8" not in t4.linear
     a10g = find_card("A10G", catalogue)  # no fp8 tensor cores: no fp8 rate to predict with
     with pytest.raises(ValueError, match="fp8"):
         speed.predict(est, spec, speed.for_card(cal, h100, a10g))

@@ -249,6 +249,8 @@ def for_card(cal: Calibration, measured_on: Card, card: Card) -> Calibration:
         if kind.startswith("fp8") and not card.fp8_tflops:
             continue
         r = ratio(flops_attr)
+        if card.bf16_tflops is None:  # no bf16 on this card: its jobs compute in fp16, at the fp16 rate
+            kind = kind.replace("bf16", "fp16")
         linear[kind] = {d: [a / bw, b / r] for d, (a, b) in rates.items()}
     att = ratio(dense)
     return replace(cal, card=card.name, source=f"datasheet-scaled from {cal.card} ({cal.source})", linear=linear,
