@@ -458,11 +458,13 @@ def _reference(shape: dict[str, int]) -> Calibration | None:
     return next((c for c in ships if c.shape == shape), ships[0] if ships else None)
 
 
-def calibration_for(job, card: Card | None, catalogue: dict[str, Card]) -> Calibration:
+def calibration_for(job, card: Card | None, catalogue: dict[str, Card], kinds: set[str] = frozenset()) -> Calibration:
     """The calibration that predicts `job` on `card` (default: the job's own device): on a CPU job, this CPU's
     (measured once, cached); with a catalogued GPU in hand, its own (measured once per torch version and model
     shape, cached, refitted by `fitrun tune`'s measurements), scaled to `card` if that is another; else the
-    calibration shipped with fitrun, scaled to `card`. ValueError, saying why, where none applies."""
+    calibration shipped with fitrun, scaled to `card`. ValueError, saying why, where none applies.
+    On the card in hand only the frozen-linear kinds asked for (the job's and `kinds`) are benchmarked, each
+    once: a kind takes seconds, most of them compiling."""
     from runner.cards import card_in_hand, find_card
     from runner.model import model_config, resolve_dtype
 
@@ -474,8 +476,16 @@ def calibration_for(job, card: Card | None, catalogue: dict[str, Card]) -> Calib
     in_hand = card_in_hand() if torch.cuda.is_available() else None
     if in_hand is not None:
         measured_on = in_hand
-        cal = cached(in_hand.name, shape) or _stored(
-            calibrate(config, torch.device("cuda"), resolve_dtype(job.model, "cuda"), card=in_hand.name))
+        dtype = resolve_dtype(job.model, "cuda")
+        dense = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+        needed = sorted({linear_kind(job), dense, *kinds} & set(available_kinds(torch.device("cuda"), dtype)))
+        cal = cached(in_hand.name, shape)
+        if cal is None:
+            cal = _stored(calibrate(config, torch.device("cuda"), dtype, kinds=needed, card=in_hand.name))
+        elif missing := [k for k in needed if k not in cal.linear]:
+            device = torch.device("cuda")
+            cal.linear.update({k: _bench_linear(k, shape, dtype, device, LINEAR_TOKENS, 10) for k in missing})
+            _stored(cal)
     else:
         cal = _reference(shape)
         measured_on = find_card(cal.card, catalogue) if cal else None

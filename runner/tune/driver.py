@@ -186,11 +186,14 @@ def _on_result(c: Config, res: dict) -> None:
 def _speed_guide(job: JobSpec, space: SearchSpaceSpec, estimates: dict, configs: list[Config], inner: FitSearcher):
     """The step-time model over the grid, on the card the probes run on; None (every column searched) where
     no calibration applies. A resumed search refits it to the results it already has."""
-    from runner.estimate.speed import calibration_for
+    from runner.estimate.speed import calibration_for, linear_kind
     from runner.tune.guide import SpeedGuide
+    from runner.tune.search import apply_config
 
+    kinds = {linear_kind(apply_config(job, column.at_k(0), space.lora_alpha_rule))
+             for column in {c.column for c in configs}}
     try:
-        cal = calibration_for(job, None, load_catalogue(job.resources.gpu_catalogue))
+        cal = calibration_for(job, None, load_catalogue(job.resources.gpu_catalogue), kinds)
     except ValueError as e:
         print(f"speed: not predicted ({e}): every column is searched", flush=True)
         return None
