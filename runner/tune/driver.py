@@ -183,9 +183,10 @@ def _on_result(c: Config, res: dict) -> None:
           f"{res.get('measured_tokens_per_s', 0.0):>10,.0f} tok/s", flush=True)
 
 
-def _speed_guide(job: JobSpec, space: SearchSpaceSpec, estimates: dict, configs: list[Config], inner: FitSearcher):
+def _speed_guide(job: JobSpec, space: SearchSpaceSpec, estimates: dict, configs: list[Config], inner: FitSearcher,
+                 n_concurrent: int):
     """The step-time model over the grid, on the card the probes run on; None (every column searched) where
-    no calibration applies. A resumed search refits it to the results it already has."""
+    no calibration applies. A resumed search refits it to the uncontended results it already has."""
     from runner.estimate.speed import calibration_for, linear_kind
     from runner.tune.guide import SpeedGuide
     from runner.tune.search import apply_config
@@ -198,7 +199,7 @@ def _speed_guide(job: JobSpec, space: SearchSpaceSpec, estimates: dict, configs:
         print(f"speed: not predicted ({e}): every column is searched", flush=True)
         return None
     guide = SpeedGuide(job, space, cal, estimates, configs)
-    for res in inner.results.values():
+    for res in inner.results.values() if n_concurrent == 1 else ():
         if res["feasible"]:
             guide.observe(res["config"], res["tokens_per_s"])
     inner.speed, inner.speed_error = guide.predictions(), guide.error
@@ -287,7 +288,8 @@ def run_tune(job: JobSpec, space: SearchSpaceSpec, options: TuneOptions = TuneOp
             predicted, estimates = predict_all(job, space, columns, ks, target, num_layers)
             inner.predicted = inner.predicted or predicted  # a resumed search keeps what it pruned by
             if guided:
-                guide = _speed_guide(job, space, estimates, [c.at_k(k) for c in columns for k in ks], inner)
+                guide = _speed_guide(job, space, estimates, [c.at_k(k) for c in columns for k in ks], inner,
+                                     n_concurrent)
                 searcher.on_result = partial(_on_result_guided, guide=guide, inner=inner, n_concurrent=n_concurrent)
         summary = _search_and_report(search, searcher, inner, grid_size=len(columns) * len(ks),
                                      n_concurrent=n_concurrent, options=options, state_file=state_file, started=started)

@@ -45,8 +45,9 @@ class SpeedGuide:
 
     def observe(self, c: Config, tokens_per_s: float) -> None:
         """A measured config: refit the coefficients to every measurement so far."""
-        if c.key not in self.specs or tokens_per_s <= 0:
-            return
+        if c.key not in self.specs or tokens_per_s <= 0 or \
+                any(o["name"] == c.key and o["tokens_per_s"] == tokens_per_s for o in self.observations):
+            return  # (a resumed search sees its earlier results again: each counts once)
         self.observations.append(speed.observation(self.estimates[c.key], self.specs[c.key], self.cal, tokens_per_s,
                                                    c.key))
         self.cal = speed.refit(self.cal, self.observations)
