@@ -128,23 +128,21 @@ class _Flops(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func.is_view or func in _METADATA_OPS or func.namespace != "aten" or not _tensor_bytes(out):
+        if func.is_view or func in _METADATA_OPS or func.namespace != "aten" or not (written := _tensor_bytes(out)):
             return out
         work = self.work
         work["ops"] += 1
-        if (formula := flop_registry.get(func._overloadpacket)) is not None:
-            flops = formula(*args, **kwargs, out_val=out)
-            work["flops"] += flops
-            if func._overloadpacket in _ATTENTION:
-                work["attention_flops"] += flops
-                return out
-            moved = _tensor_bytes((args, kwargs, out))
-            if flops >= GEMM_MIN_INTENSITY * moved:
-                work["gemm_flops"] += flops
-                return out
-            work["memory_bytes"] += moved
+        formula = flop_registry.get(func._overloadpacket)
+        flops = formula(*args, **kwargs, out_val=out) if formula is not None else 0
+        work["flops"] += flops
+        if func._overloadpacket in _ATTENTION:
+            work["attention_flops"] += flops
             return out
-        work["memory_bytes"] += _tensor_bytes((args, kwargs, out))
+        moved = written + _tensor_bytes((args, kwargs))
+        if flops and flops >= GEMM_MIN_INTENSITY * moved:
+            work["gemm_flops"] += flops
+        else:
+            work["memory_bytes"] += moved
         return out
 
 
