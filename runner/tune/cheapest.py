@@ -63,6 +63,7 @@ def rank_cards(job, space, configs: list[Config], estimates: dict[str, Any], car
     """One row per card, cheapest first: its fastest fitting config, tokens/s (measured or predicted), $/1M
     tokens. `measured`: card name -> {"config": Config, "tokens_per_s": ...} where the search measured it."""
     measured = measured or {}
+    specs = {c.key: apply_config(job, c, space.lora_alpha_rule) for c in configs if c.key in estimates}
     rows = []
     for card in cards:
         row: dict[str, Any] = {"gpu": card.name, "usd_per_hour": prices[card.name]}
@@ -70,7 +71,7 @@ def rank_cards(job, space, configs: list[Config], estimates: dict[str, Any], car
             m = measured[card.name]
             row.update(config=m["config"].key, tokens_per_s=m["tokens_per_s"], source="measured")
         else:
-            best = _fastest_predicted(job, space, configs, estimates, card, catalogue, reference)
+            best = _fastest_predicted(specs, estimates, card, catalogue, reference)
             if best is None:
                 row.update(config=None, tokens_per_s=None, source="nothing in the space fits or runs on this card")
             else:
@@ -81,7 +82,7 @@ def rank_cards(job, space, configs: list[Config], estimates: dict[str, Any], car
     return sorted(rows, key=lambda r: r.get("usd_per_1m_tokens") or float("inf"))
 
 
-def _fastest_predicted(job, space, configs, estimates, card: Card, catalogue, reference) -> dict | None:
+def _fastest_predicted(specs: dict, estimates: dict, card: Card, catalogue, reference) -> dict | None:
     measured_on = find_card(reference.card, catalogue) if reference else None
     if reference is None or measured_on is None:
         return None
@@ -90,11 +91,8 @@ def _fastest_predicted(job, space, configs, estimates, card: Card, catalogue, re
     except ValueError:
         return None
     best = None
-    for c in configs:
-        est = estimates.get(c.key)
-        if est is None:
-            continue
-        spec = apply_config(job, c, space.lora_alpha_rule)
+    for key, spec in specs.items():
+        est = estimates[key]
         fit = fit_on(card, catalogue, est.peak_reserved_gib, spec.compute_dtype, spec.model.quantization,
                      workers=spec.resources.num_workers)
         if not fit.fits or speed.unmodelled(spec) is not None:
@@ -104,7 +102,7 @@ def _fastest_predicted(job, space, configs, estimates, card: Card, catalogue, re
         except ValueError:
             continue
         if best is None or p.tokens_per_s > best["tokens_per_s"]:
-            best = {"config": c.key, "tokens_per_s": p.tokens_per_s, "device_gib": fit.device_gib,
+            best = {"config": key, "tokens_per_s": p.tokens_per_s, "device_gib": fit.device_gib,
                     "source": f"predicted ({cal.source})", "dominant": p.dominant}
     return best
 
