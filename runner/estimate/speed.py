@@ -123,9 +123,10 @@ def linear_kind(spec) -> str:
     return f"{kind}-compile" if spec.training.compile and kind in ("bf16", "fp16", "fp8") else kind
 
 
-def terms(est, spec, cal: Calibration) -> dict[str, float]:
-    """Seconds per optimizer step of the job `spec` with estimate `est`, by term, coefficients applied."""
-    w, c = est.work, cal.coefficients
+def _work_seconds(est, spec, cal: Calibration) -> dict[str, float]:
+    """Seconds per optimizer step of each priced part of the work, before the coefficients: per micro-batch
+    for matmul, recompute (its matmul and attention parts), attention, memory, launch; per step for optimizer."""
+    w = est.work
     if not w:
         raise ValueError("this estimate has no work counts (an old estimate?): re-run the estimate")
     kind = linear_kind(spec)
@@ -143,22 +144,35 @@ def terms(est, spec, cal: Calibration) -> dict[str, float]:
     frozen_flops = 2 * tokens * weights * (2 * layers + k)
     head_flops = 2 * 2 * tokens * w["head_weights"]
     other_gemm = max(0.0, w["gemm_flops"] - frozen_flops - head_flops) * head_rate
-    seq = spec.data.sequence_len
-    attention = w["attention_flops"] / cal.attention_rate(seq)
+    attention = w["attention_flops"] / cal.attention_rate(spec.data.sequence_len)
     # attention FLOPs = layers x (forward + 2.5 forward in backward) + k recomputed forwards
     attention_recompute = attention * k / (3.5 * layers + k)
-    compiled = "compiled" if spec.training.compile else "eager"
     lora_bytes = est.components_gib.get("lora_params", 0.0) * 1024**3
+    return {
+        "matmul": layers * (use_fwd + use_bwd) + head_flops * head_rate + other_gemm,
+        "recompute_matmul": k * use_fwd,
+        "recompute_attention": attention_recompute,
+        "attention": attention - attention_recompute,
+        "memory": w["memory_bytes"] / (cal.bandwidth_gbs * 1e9),
+        "launch": w["ops"] * cal.launch_us * 1e-6,
+        "optimizer": OPTIMIZER_BYTES_PER_BYTE * lora_bytes / (cal.bandwidth_gbs * 1e9),
+    }
+
+
+def terms(est, spec, cal: Calibration) -> dict[str, float]:
+    """Seconds per optimizer step of the job `spec` with estimate `est`, by term, coefficients applied."""
+    raw, c = _work_seconds(est, spec, cal), cal.coefficients
+    compiled = "compiled" if spec.training.compile else "eager"
     accum = spec.training.gradient_accumulation_steps
     micro = {
-        "matmul": c["matmul"] * (layers * (use_fwd + use_bwd) + head_flops * head_rate + other_gemm),
-        "recompute": c["matmul"] * k * use_fwd + c["attention"] * attention_recompute,
-        "attention": c["attention"] * (attention - attention_recompute),
-        "memory": c[f"memory_{compiled}"] * w["memory_bytes"] / (cal.bandwidth_gbs * 1e9),
-        "launch": c[f"launch_{compiled}"] * w["ops"] * cal.launch_us * 1e-6,
+        "matmul": c["matmul"] * raw["matmul"],
+        "recompute": c["matmul"] * raw["recompute_matmul"] + c["attention"] * raw["recompute_attention"],
+        "attention": c["attention"] * raw["attention"],
+        "memory": c[f"memory_{compiled}"] * raw["memory"],
+        "launch": c[f"launch_{compiled}"] * raw["launch"],
     }
     step = {name: accum * v for name, v in micro.items()}
-    step["optimizer"] = c["optimizer"] * OPTIMIZER_BYTES_PER_BYTE * lora_bytes / (cal.bandwidth_gbs * 1e9)
+    step["optimizer"] = c["optimizer"] * raw["optimizer"]
     step["overhead"] = c["overhead_s"] + accum * c["micro_overhead_s"]
     return step
 
@@ -175,20 +189,17 @@ def predict(est, spec, cal: Calibration) -> Prediction:
 
 def _features(est, spec, cal: Calibration) -> dict[str, float]:
     """Each coefficient's share of the step time at coefficient 1 (the step time is linear in them)."""
-    ones = replace(cal, coefficients={k: (0.0 if k.endswith("overhead_s") else 1.0) for k in PRIORS})
-    t = terms(est, spec, ones)
+    raw = _work_seconds(est, spec, cal)
     compiled = "compiled" if spec.training.compile else "eager"
-    # split recompute back into its matmul and attention parts
-    attn_only = replace(ones, coefficients={**ones.coefficients, "matmul": 0.0})
-    t_attn = terms(est, spec, attn_only)
+    accum = spec.training.gradient_accumulation_steps
     f = dict.fromkeys(PRIORS, 0.0)
-    f["attention"] = t_attn["attention"] + t_attn["recompute"]
-    f["matmul"] = t["matmul"] + t["recompute"] - t_attn["recompute"]
-    f[f"memory_{compiled}"] = t["memory"]
-    f[f"launch_{compiled}"] = t["launch"]
-    f["optimizer"] = t["optimizer"]
+    f["attention"] = accum * (raw["attention"] + raw["recompute_attention"])
+    f["matmul"] = accum * (raw["matmul"] + raw["recompute_matmul"])
+    f[f"memory_{compiled}"] = accum * raw["memory"]
+    f[f"launch_{compiled}"] = accum * raw["launch"]
+    f["optimizer"] = raw["optimizer"]
     f["overhead_s"] = 1.0
-    f["micro_overhead_s"] = spec.training.gradient_accumulation_steps
+    f["micro_overhead_s"] = accum
     return f
 
 

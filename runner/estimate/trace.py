@@ -399,8 +399,7 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
     dequantized = 0
     if quantization != "none":  # the trace holds the linears in the model dtype; quantization packs them
         def frozen_linears(module):
-            return [m.weight for layer in decoder_layers(module) for m in layer.modules()
-                    if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+            return [m.weight for layer in decoder_layers(module) for m in _frozen_linears(layer).values()]
         linear_bytes = trace.full_bytes(frozen_linears)
         packed = linear_bytes / dtype.itemsize * QUANTIZED_BYTES_PER_WEIGHT[quantization]
         weights -= linear_bytes - packed
@@ -463,10 +462,15 @@ def estimate(spec: JobSpec, target: str | None = None, layers: list[int] | None 
                     work=_shape_of_work(trace))
 
 
+def _frozen_linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """A decoder layer's frozen linears (what quantization packs), by projection name (q_proj, ...)."""
+    return {n.removesuffix(".base_layer").rsplit(".", 1)[-1]: m for n, m in layer.named_modules()
+            if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad}
+
+
 def _shape_of_work(trace: _Trace) -> dict[str, float]:
     base = trace.model.get_base_model()
-    layer_linears = sum(m.weight.numel() for m in decoder_layers(trace.model)[0].modules()
-                        if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad)
+    layer_linears = sum(m.weight.numel() for m in _frozen_linears(decoder_layers(trace.model)[0]).values())
     head = base.get_output_embeddings()
     return {**trace.work, "layer_linear_weights": layer_linears, "head_weights": head.weight.numel(),
             "num_layers": len(decoder_layers(trace.model)) + trace.untraced}
@@ -476,8 +480,7 @@ def _int8_kept(model, num_layers: int, recomputed: int, token_bytes: int, compil
     """Bytes LLM.int8()'s autograd contexts keep beyond what the trace sees (INT8_OUTLIER_FRACTION)."""
     if compiled:
         return INT8_COMPILED_RECOMPUTED_LAYER_GIB * GIB * recomputed
-    linears = {n.removesuffix(".base_layer").rsplit(".", 1)[-1]: m for n, m in decoder_layers(model)[0].named_modules()
-               if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad}
+    linears = _frozen_linears(decoder_layers(model)[0])
     outlier_columns = INT8_OUTLIER_FRACTION * sum(m.in_features for m in linears.values())
     # q, k and v read one tensor, gate and up another: a recomputed layer keeps each distinct input once.
     distinct_inputs = sum(m.in_features for n, m in linears.items() if n not in ("k_proj", "v_proj", "up_proj"))
