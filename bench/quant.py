@@ -44,6 +44,7 @@ LOSS_STEPS = 100
 LOSS_DATA = Path("/tmp/quant-loss.sharegpt.jsonl")
 LOSS_ROWS = 4000  # ShareGPT conversations from bench/data_cache.py: ~250 packed rows, 200 read in 100 steps
 LOSS_LR = 2e-5
+OUTLIER_CHANNELS = 4  # Llama-class models have a handful of massive-activation channels
 MARGIN_GIB = 0.5
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FITRUN = ["model.init=random", "lora.adapter_dtype=mixed", "training.compile=true", "training.warmup_steps=0",
@@ -74,6 +75,12 @@ ARMS = {  # name: (cap GiB, what)
     "loss-fp8": (None, "fitrun fp8 base, 100 steps"),
     "loss-nf4": (None, "fitrun nf4 base, 100 steps"),
     "loss-int8": (None, "fitrun int8 base, 100 steps"),
+    # issue 25: fp8 with cuBLASLt's fast accumulation in both matmuls, and the outlier stress case (OUTLIER_CHANNELS
+    # input channels of every q/k/v and gate/up 100x the rest, runner.model.add_outlier_channels) for bf16 and fp8
+    "loss-fp8-fast": (None, "fitrun fp8 base, fast accumulation (forward and input gradient), 100 steps"),
+    "loss-none-outliers": (None, "fitrun bf16 base with outlier channels, 100 steps"),
+    "loss-fp8-outliers": (None, "fitrun fp8 base with outlier channels, 100 steps"),
+    "loss-fp8-fast-outliers": (None, "fitrun fp8 base with outlier channels, fast accumulation, 100 steps"),
 }
 
 
@@ -153,7 +160,8 @@ def loss_arm(name: str, quantization: str) -> dict:
     """100 steps on conversations none of which repeats (the shipped 36 KB file is memorized to a loss
     near 0 by then, which makes a relative gap meaningless), at a learning rate that keeps the loss
     well away from 0 within 100 steps."""
-    overrides = [f"model.quantization={quantization}", "training.compile=false", "activation_checkpointing.count=0",
+    # every layer recomputed (the same loss: recompute is exact) so four arms share an 80 GB card at once
+    overrides = [f"model.quantization={quantization}", "training.compile=false", "activation_checkpointing.count=32",
                  "training.gradient_accumulation_steps=2", f"data.path={LOSS_DATA}", "data.format=sharegpt",
                  f"training.learning_rate={LOSS_LR}"]
     return fitrun_arm(name, None, overrides, steps=LOSS_STEPS)
@@ -214,12 +222,31 @@ def run_arm(name: str) -> dict:
     if name == "int8-eager-k16":
         return fitrun_arm(name, None, ["model.quantization=int8", "training.compile=false", "activation_checkpointing.count=16"])
     if name.startswith("loss-"):
-        return loss_arm(name, name.split("-", 1)[1])
+        return loss_arm(name, name.split("-")[1])
     if name == "hf-qlora-16":
         return hf_qlora_arm(cap)
     if name.startswith("unsloth-"):
         return unsloth_arm(cap, four_bit=cap < 24)
     raise ValueError(name)
+
+
+def arm_env(name: str) -> dict[str, str]:
+    """The environment an arm's process adds: fp8's fast accumulation, the outlier stress case."""
+    parts = name.split("-")
+    return {"FITRUN_FP8_FAST_ACCUM": "all" if "fast" in parts else "none",
+            "FITRUN_RANDOM_OUTLIERS": str(OUTLIER_CHANNELS if "outliers" in parts else 0)}
+
+
+def loss_gaps(results: dict) -> list[str]:
+    """`loss_gap_<arm>_pct`: each quantized loss arm against the bf16 arm of the same model (outliers or not)."""
+    lines = []
+    for name in [n for n in ARMS if n.startswith("loss-") and not n.startswith("loss-none")]:
+        base = "loss-none-outliers" if name.endswith("-outliers") else "loss-none"
+        q, b = results.get(name, {}), results.get(base, {})
+        if "loss" in q and "loss" in b:
+            key = name.removeprefix("loss-").replace("-", "_")
+            lines.append(f"loss_gap_{key}_pct: {100 * (q['loss'] - b['loss']) / b['loss']:+.2f}")
+    return lines
 
 
 def estimate_cell(r: dict) -> str:
@@ -267,12 +294,9 @@ def report(results: dict, out: str, command: str) -> str:
               f"vs_unsloth_24gib: {best24 / tps('unsloth-24'):.2f}", f"vs_unsloth_16gib: {best16 / tps('unsloth-16'):.2f}",
               f"vs_hf_qlora_16gib: {best16 / tps('hf-qlora-16'):.2f}"]
     loss = {n.removeprefix("loss-"): results.get(n, {}) for n in ARMS if n.startswith("loss-")}
-    for q in [q for q in loss if q != "none"]:
-        if "loss" in loss[q] and "loss" in loss["none"]:
-            gap = 100 * (loss[q]["loss"] - loss["none"]["loss"]) / loss["none"]["loss"]
-            lines.append(f"loss_gap_{q}_pct: {gap:+.2f}")
+    lines += loss_gaps(results)
     lines += ["", f"## Loss after {LOSS_STEPS} steps", "",
-              f"Micro-batch 1 x 2, no cap, no recompute, eager; {LOSS_ROWS:,} ShareGPT conversations from "
+              f"Micro-batch 1 x 2, no cap, every layer recomputed, eager; {LOSS_ROWS:,} ShareGPT conversations from "
               f"bench/data_cache.py (none repeats within the {LOSS_STEPS} steps), learning rate {LOSS_LR:g}; the loss "
               "arms of one command run at once on the GPU, so their tokens/s are not speeds.", "",
               "| base | train loss at the last step | peak reserved GiB | estimate GiB |", "| --- | --- | --- | --- |"]
@@ -312,7 +336,7 @@ def main() -> None:
         started = time.time()
         procs = {}
         for name in group:
-            env = dict(os.environ)
+            env = {**os.environ, **arm_env(name)}
             if name.startswith("unsloth-") and args.uns_path:
                 env["PYTHONPATH"] = f"{args.uns_path}:{env.get('PYTHONPATH', '')}"
             procs[name] = subprocess.Popen([sys.executable, __file__, "--only", name, "--state", args.state,

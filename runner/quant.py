@@ -12,6 +12,8 @@ a frozen base throws away.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -21,9 +23,14 @@ from runner.spec import BITSANDBYTES
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 # cuBLASLt's fast fp8 accumulation, for the forward matmul (torchao's default) and the input-gradient one (not
-# torchao's default). bench/fp8_linear.py measures each.
-FAST_ACCUM = False
-FAST_ACCUM_BACKWARD = False
+# torchao's default). bench/fp8_linear.py measures each; FITRUN_FP8_FAST_ACCUM=forward|all sets them in a run
+# (forwarded to Ray workers), for bench/quant.py's loss arms.
+FAST_ACCUM_ENV = "FITRUN_FP8_FAST_ACCUM"
+_fast = os.environ.get(FAST_ACCUM_ENV, "")
+if _fast not in ("", "none", "forward", "all"):
+    raise ValueError(f"{FAST_ACCUM_ENV}={_fast!r}: use none, forward or all")
+FAST_ACCUM = _fast in ("forward", "all")
+FAST_ACCUM_BACKWARD = _fast == "all"
 # Row-wise quantization of activations and gradients: "torch" (an expression torch.compile fuses) or "triton"
 # (runner/fp8_kernels.py: one pass per row; CUDA only). bench/fp8_linear.py measures both.
 ROWWISE = "torch"

@@ -23,7 +23,8 @@ from runner.train.worker import Probe, train_loop_per_worker
 
 SPEC_FILE = "job.resolved.json"  # the spec a run started with: a resume must match it
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
-TEST_HOOKS = ("FITRUN_STEP_DELAY_S", "FITRUN_CRASH_AFTER_STEP", "FITRUN_OOM_AT_STEP", "FITRUN_RANDOM_OUTLIERS")
+TEST_HOOKS = ("FITRUN_STEP_DELAY_S", "FITRUN_CRASH_AFTER_STEP", "FITRUN_OOM_AT_STEP", "FITRUN_RANDOM_OUTLIERS",
+              "FITRUN_FP8_FAST_ACCUM")
 
 
 def worker_env() -> dict[str, str]:
@@ -35,7 +36,8 @@ def worker_env() -> dict[str, str]:
             # On a busy 2-core machine a worker group can take over Ray's default 60 s to start.
             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"],
             **fail_fast(),  # a tracking server that is away costs a call one retry, not minutes
-            # the fault tests' hooks (runner/train/worker.py) and the outlier stress case (runner/model.py), to
+            # the fault tests' hooks (runner/train/worker.py), the outlier stress case (runner/model.py) and fp8's
+            # fast accumulation (runner/quant.py), to
             # workers on any node
             **{k: os.environ[k] for k in TEST_HOOKS if k in os.environ},
             # MLflow credentials travel as MLflow's own variables, never inside a URI.
