@@ -80,14 +80,17 @@ def _count_cpu_attention() -> None:
     if forward in flop_registry:
         return
 
+    def gqa(query, *kv):  # grouped-query attention (enable_gqa): each key/value head serves several query heads
+        return [(*t[:1], query[1], *t[2:]) for t in kv]
+
     @register_flop_formula(forward)
     def _forward(query, key, value, dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_flop_count(query, key, value) // (2 if is_causal else 1)
+        return sdpa_flop_count(query, *gqa(query, key, value)) // (2 if is_causal else 1)
 
     @register_flop_formula(backward)
     def _backward(grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is_causal=False, *args,
                   out_shape=None, **kwargs) -> int:
-        return sdpa_flop_count(query, key, value) * 5 // (4 if is_causal else 2)
+        return sdpa_flop_count(query, *gqa(query, key, value)) * 5 // (4 if is_causal else 2)
 
 
 _count_cpu_attention()
