@@ -2,13 +2,15 @@
 
     PYTHONPATH=. python bench/predict_speed.py measure --out DIR [--only NAME ...]   # on the GPU
     PYTHONPATH=. python bench/predict_speed.py report DIR... --md bench/results/predict-DATE.md   # anywhere
+    PYTHONPATH=. python bench/predict_speed.py predict DIR --card H100 --out FILE   # the other card, for later
 
 `measure` first calibrates the card (runner.estimate.speed.calibrate: the frozen linears per kind, attention,
 bandwidth, launch), writes DIR/calibration.json, then trains every config of CONFIGS in this process, one after
 another, as fitrun's worker does (build_trainable, fused AdamW, train_step on the shipped data, packed): 1 warm-up
-step and 2 measured ones of 2 micro-batches, tokens/s at the job's true accumulation (global batch 16 sequences),
-as a tuner probe reports it. Each config appends one line to DIR/measured.jsonl (commit, card, versions, the
-config, the measurement, the estimate's work counts), so a cut run keeps what it measured.
+step and 3 measured ones of 2 micro-batches (the median micro-batch), tokens/s at the job's true accumulation
+(global batch 16 sequences), as a tuner probe reports it; an unrecorded config warms the process up first. Each
+config appends one line to DIR/measured.jsonl (commit, card, versions, the config, the measurement, the
+estimate's work counts), so a cut run keeps what it measured.
 
 `report` refits the calibration's coefficients on the CALIBRATION configs only, predicts every other config
 from that, and writes the errors: `speed_error_median_pct`, `speed_error_max_pct` over the held-out configs.
@@ -61,7 +63,10 @@ CONFIGS = {
 ORDER = [name for pair in zip(CALIBRATION, [n for n in CONFIGS if n not in CALIBRATION]) for name in pair] + \
     [n for n in CONFIGS if n not in CALIBRATION][len(CALIBRATION):]
 GLOBAL_SEQUENCES = 16
-WARMUP, MEASURED = 1, 2
+WARMUP, MEASURED = 1, 3
+# The first config trained in a fresh process ran with a 0.29-0.48 s spread between its two measured steps on the
+# H200 (2026-12-07; later configs within 5%): the process warms up on an unmeasured config first.
+PROCESS_WARMUP = dict(q="none", k=16, mb=1, compile=False)
 
 
 def sets_of(levers: dict) -> list[str]:
@@ -149,6 +154,9 @@ def measure(out: Path, only: list[str] | None, smoke: bool = False) -> None:
           flush=True)
     data_cache: dict = {}
     deadline = time.monotonic() + float(os.environ.get("PREDICT_LIMIT_S", "1e9"))
+    if not smoke:
+        warm = _measure_one(load_job(job, sets_of(PROCESS_WARMUP)), data_cache, device)
+        print(f"process warm-up (not recorded): {warm['tokens_per_s']:,.0f} tokens/s", flush=True)
     with (out / "measured.jsonl").open("a") as f:
         for name in ORDER:
             levers = CONFIGS[name]
@@ -225,12 +233,12 @@ def report(dirs: list[Path], md: Path | None) -> str:
                 f"- command: `{first['command']}`; calibration microbenchmark {first['calibration_s']:.1f} s",
                 f"- coefficients fitted on {len(fitted.observations)} calibration configs "
                 f"({', '.join(CALIBRATION)}): " + ", ".join(f"{k} {v:.3g}" for k, v in fitted.coefficients.items()),
-                "", "| config | set | measured tokens/s | predicted | error % | dominant term |",
-                "| --- | --- | --- | --- | --- | --- |"]
+                "", "| config | set | measured tokens/s | steps' spread % | predicted | error % | dominant term |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
         errors = []
         for x in lines:
             if "tokens_per_s" not in x["measured"]:
-                out.append(f"| {x['name']} | - | {x['measured'].get('error', 'failed')} | | | |")
+                out.append(f"| {x['name']} | - | {x['measured'].get('error', 'failed')} | | | | |")
                 continue
             p = speed.predict(_Est(x), specs[x["name"]], fitted)
             m = x["measured"]["tokens_per_s"]
@@ -238,7 +246,9 @@ def report(dirs: list[Path], md: Path | None) -> str:
             held = x["name"] not in CALIBRATION
             if held:
                 errors.append(abs(err))
-            out.append(f"| {x['name']} | {'held out' if held else 'fit'} | {m:,.0f} | {p.tokens_per_s:,.0f} | "
+            lo, hi = x["measured"]["micro_spread"]
+            spread = 100 * (hi - lo) / x["measured"]["micro_batch_time_s"]
+            out.append(f"| {x['name']} | {'held out' if held else 'fit'} | {m:,.0f} | {spread:.0f} | {p.tokens_per_s:,.0f} | "
                        f"{err:+.1f} | {p.dominant} |")
         if errors:
             out += ["", f"held-out configs: {len(errors)}",
@@ -259,6 +269,26 @@ def report(dirs: list[Path], md: Path | None) -> str:
     return text
 
 
+def predict_other(directory: Path, card_name: str, out: Path) -> dict:
+    """Every config of `directory`'s run predicted on `card_name` from that run's fitted calibration,
+    datasheet-scaled: the file a later session measures that card against (`report DIR1 DIR2`)."""
+    from runner.cards import find_card, load_catalogue
+    from runner.estimate import speed
+    from runner.loading import load_job
+
+    catalogue = load_catalogue()
+    lines = _lines(directory)
+    specs = {x["name"]: load_job(x.get("job", JOB), x["sets"]) for x in lines}
+    fitted = _fit(speed.Calibration.from_json((directory / "calibration.json").read_text()), lines, specs)
+    card = find_card(card_name, catalogue)
+    scaled = speed.for_card(fitted, find_card(fitted.card, catalogue), card)
+    result = {"card": card.name, "from": fitted.card, "from_commit": lines[0]["commit"],
+              "predicted_tokens_per_s": {x["name"]: speed.predict(_Est(x), specs[x["name"]], scaled).tokens_per_s
+                                         for x in lines}}
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -266,6 +296,10 @@ def main() -> None:
     m.add_argument("--out", type=Path, required=True)
     m.add_argument("--only", nargs="*")
     m.add_argument("--smoke", action="store_true", help="the tiny CPU job, to check this script without a GPU")
+    p = sub.add_parser("predict", help="predict another card's speeds from a measured run (for a later session)")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--card", required=True)
+    p.add_argument("--out", type=Path, required=True)
     r = sub.add_parser("report")
     r.add_argument("dirs", type=Path, nargs="+")
     r.add_argument("--md", type=Path)
@@ -273,6 +307,8 @@ def main() -> None:
     if a.cmd == "measure":
         os.environ.setdefault("PYTHONUNBUFFERED", "1")
         measure(a.out, a.only, a.smoke)
+    elif a.cmd == "predict":
+        print(json.dumps(predict_other(a.dir, a.card, a.out), indent=1))
     else:
         print(report(a.dirs, a.md))
 

@@ -137,3 +137,14 @@ def test_the_estimates_flops_are_a_real_steps(root, monkeypatch, sets):
     predicted = estimate(spec, "cpu")
     assert predicted.step_flops == counter.get_total_flops() > 0
     assert predicted.flops_per_token == predicted.step_flops / (spec.training.micro_batch_size * spec.data.sequence_len)
+
+
+def test_grouped_query_attention_counts_every_query_heads_flops():
+    """transformers passes key/value with fewer heads (enable_gqa) on some versions and devices, repeated ones on
+    others: the CPU attention kernel's FLOP formula counts both alike."""
+    import torch
+    from torch.utils.flop_counter import flop_registry
+
+    formula = flop_registry[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu]
+    q, kv = torch.empty(1, 32, 64, 16), torch.empty(1, 8, 64, 16)
+    assert formula(q, kv, kv, 0.0, True, out_val=None) == formula(q, q, q, 0.0, True, out_val=None) > 0

@@ -123,6 +123,7 @@ def test_a_gpu_job_without_a_card_in_hand_uses_the_shipped_calibration(tmp_path,
         pytest.skip("no calibration shipped yet")
     spec = load_job("jobs/llama3-8b-lora-l4.yaml", ["model.init=random"])
     catalogue = load_catalogue()
+    assert all(find_card(c.card, catalogue) for c in speed.shipped())  # each names a catalogued card
     p, card = speed.predict_job(spec, estimate(spec), find_card("L4", catalogue), catalogue)
     assert card == "L4" and "datasheet-scaled" in p.source and p.tokens_per_s > 0
 
