@@ -440,7 +440,9 @@ def _slug(text: str) -> str:
 def cache_path(card: str, shape: dict[str, int]) -> Path:
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fitrun") / "calibration"
     dims = "-".join(str(shape[k]) for k in ("hidden", "intermediate", "heads", "kv_heads", "head_dim"))
-    return root / f"{_slug(card)}-torch{_slug(torch.__version__)}-{dims}.json"
+    from runner.quant import FAST_ACCUM_MODE  # the fp8 kinds' rates depend on it
+
+    return root / f"{_slug(card)}-torch{_slug(torch.__version__)}-{dims}-fp8acc-{FAST_ACCUM_MODE}.json"
 
 
 def cached(card: str, shape: dict[str, int]) -> Calibration | None:
