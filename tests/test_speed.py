@@ -220,3 +220,18 @@ def test_the_cheapest_card_table(tmp_path):
     (tmp_path / "bad.yaml").write_text("L4: -1\n")
     with pytest.raises(SpecError, match="positive"):
         load_prices(str(tmp_path / "bad.yaml"), cards, catalogue)
+
+
+def test_launches_and_small_kernels_overlap_between_their_max_and_their_sum(estimates):
+    """An eager step's host launches and its bandwidth-bound kernels overlap: together they cost more than the
+    larger and less than the sum, and the two terms still add up to the step."""
+    spec, est = estimates["k32"]  # eager bf16: launch-heavy
+    cal = h100_like()
+    raw = speed._work_seconds(est, spec, cal)
+    t = speed.terms(est, spec, cal)
+    accum = spec.training.gradient_accumulation_steps
+    mode = "compiled" if spec.training.compile else "eager"
+    memory = accum * cal.coefficients[f"memory_{mode}"] * raw["memory"]
+    launch = accum * cal.coefficients[f"launch_{mode}"] * raw["launch"]
+    assert max(memory, launch) < t["memory"] + t["launch"] < memory + launch
+    assert speed.predict(est, spec, cal).step_s == pytest.approx(sum(t.values()))
