@@ -283,6 +283,7 @@ def predict_other(directory: Path, card_name: str, out: Path) -> dict:
     card = find_card(card_name, catalogue)
     scaled = speed.for_card(fitted, find_card(fitted.card, catalogue), card)
     result = {"card": card.name, "from": fitted.card, "from_commit": lines[0]["commit"],
+              "predicted_at_commit": _environment()["commit"],
               "predicted_tokens_per_s": {x["name"]: speed.predict(_Est(x), specs[x["name"]], scaled).tokens_per_s
                                          for x in lines}}
     out.write_text(json.dumps(result, indent=1) + "\n")
