@@ -2,10 +2,18 @@
 seed recipe (all 32 layers checkpointed, micro-batch 1, r16) measured in the same run the same way.
 
     PYTHONPATH=. python bench/tune_24gb.py --out bench/results/tune-24gb.md
+
+Issue 24: the speed-guided search (one probe at a time on a GPU) against `--exhaustive` over the same space, in
+one device session (each half fits one 10-minute command; --json keeps what the comparison needs):
+
+    PYTHONPATH=. python bench/tune_24gb.py --no-seed --space S --set output_dir=/tmp/g --out g.md --json g.json
+    PYTHONPATH=. python bench/tune_24gb.py --no-seed --space S --set output_dir=/tmp/e --out e.md --json e.json --exhaustive
+    PYTHONPATH=. python bench/tune_24gb.py --compare g.json e.json   # tune_wall_s_unpacked, probes_run, winner_gap_...
 """
 
 import argparse
 import datetime
+import json
 import os
 import shutil
 import time
@@ -29,15 +37,27 @@ def main() -> None:
     ap.add_argument("--no-seed", action="store_true", help="skip re-measuring the seed recipe (saves device time)")
     ap.add_argument("--winner", help="where to write the winner's job YAML")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted search (same --set output_dir)")
+    ap.add_argument("--exhaustive", action="store_true", help="every column, probes packed (fitrun tune --exhaustive)")
+    ap.add_argument("--json", help="where to write the search's counts, wall time and winner")
+    ap.add_argument("--compare", nargs=2, metavar=("GUIDED", "EXHAUSTIVE"), help="two --json files: the comparison")
     args = ap.parse_args()
+    if args.compare:
+        print(compare(*args.compare))
+        return
     job = load_job(args.job, ["model.init=random", "name=tune-bench", *args.overrides])
     space = load_search_space(args.space, args.space_overrides)
     seed = Config(r=job.lora.r, micro_batch_size=1, gradient_accumulation_steps=job.global_batch_size,
                   placement="first", k=32 if "8b" in args.job else 4)
     start = time.time()
     s = run_tune(job, space, TuneOptions(resume=args.resume, extra_exclusive=() if args.no_seed else (seed,),
-                                         winner_path=args.winner))
+                                         winner_path=args.winner, exhaustive=args.exhaustive))
     wall = time.time() - start
+    if args.json:
+        keep = ("tune_wall_s", "trials_run", "grid_size", "pruned", "outpaced_columns", "exclusive_runs", "winner",
+                "winner_tokens_per_s", "speed_model_error_median_pct", "speed_model_error_max_pct")
+        Path(args.json).write_text(json.dumps({"exhaustive": args.exhaustive, "hardware": hardware(),
+                                               "space": args.space, "space_sets": args.space_overrides,
+                                               **{k: s.get(k) for k in keep}}, indent=1) + "\n")
     seed_res = s.get("exclusive", {}).get(seed.key, {})
     seed_tps = seed_res.get("tokens_per_s") or float("nan")
     speedup = s.get("winner_tokens_per_s", float("nan")) / seed_tps
@@ -73,6 +93,21 @@ def main() -> None:
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def compare(guided_path: str, exhaustive_path: str) -> str:
+    """The issue-24 lines from a guided and an exhaustive search of the same space on the same card."""
+    g, e = json.loads(Path(guided_path).read_text()), json.loads(Path(exhaustive_path).read_text())
+    if g["exhaustive"] or not e["exhaustive"] or (g["space"], g["space_sets"]) != (e["space"], e["space_sets"]):
+        raise SystemExit("give a guided and an exhaustive search of the same space")
+    gap = 100 * (e["winner_tokens_per_s"] - g["winner_tokens_per_s"]) / e["winner_tokens_per_s"]
+    return "\n".join([f"card: {g['hardware']} / {e['hardware']}",
+                      f"tune_wall_s_unpacked: {g['tune_wall_s']:.0f}", f"probes_run: {g['trials_run']}",
+                      f"outpaced_columns: {g['outpaced_columns']}",
+                      f"exhaustive: {e['tune_wall_s']:.0f} s, {e['trials_run']} probes (packed)",
+                      f"winner guided: {g['winner']} {g['winner_tokens_per_s']:.0f} tokens/s",
+                      f"winner exhaustive: {e['winner']} {e['winner_tokens_per_s']:.0f} tokens/s",
+                      f"winner_gap_vs_exhaustive_pct: {gap:.1f}"])
 
 
 if __name__ == "__main__":

@@ -104,6 +104,8 @@ class Prediction:
     def line(self, card: str) -> str:
         band = f"±{self.error_pct:.0f}% (the model's largest error over its measured configs)" \
             if self.error_pct is not None else "error band unknown: no measured config refitted this calibration"
+        if self.source.startswith("datasheet-scaled"):
+            band += ", plus the datasheet scaling's (not yet measured between two cards)"
         total = sum(self.terms_s.values()) or 1.0
         shares = ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(self.terms_s.items(), key=lambda kv: -kv[1])
                            if v / total >= 0.01)
