@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--space", default="search_spaces/fit-24gb.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--space-set", dest="space_overrides", action="append", default=[])
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="the results file (required unless --compare)")
     ap.add_argument("--no-seed", action="store_true", help="skip re-measuring the seed recipe (saves device time)")
     ap.add_argument("--winner", help="where to write the winner's job YAML")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted search (same --set output_dir)")
@@ -44,6 +44,8 @@ def main() -> None:
     if args.compare:
         print(compare(*args.compare))
         return
+    if not args.out:
+        ap.error("--out is required")
     job = load_job(args.job, ["model.init=random", "name=tune-bench", *args.overrides])
     space = load_search_space(args.space, args.space_overrides)
     seed = Config(r=job.lora.r, micro_batch_size=1, gradient_accumulation_steps=job.global_batch_size,

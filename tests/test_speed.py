@@ -235,3 +235,23 @@ def test_launches_and_small_kernels_overlap_between_their_max_and_their_sum(esti
     launch = accum * cal.coefficients[f"launch_{mode}"] * raw["launch"]
     assert max(memory, launch) < t["memory"] + t["launch"] < memory + launch
     assert speed.predict(est, spec, cal).step_s == pytest.approx(sum(t.values()))
+
+
+def test_a_guide_whose_predictions_miss_widens_its_margin():
+    """The margin a guided search prunes columns by is at least the model's latest misses on configs it predicted
+    before measuring them: a model that missed by 3x prunes nothing on its predictions."""
+    from runner.loading import load_search_space
+    from runner.tune.guide import DEFAULT_ERROR, SpeedGuide
+    from runner.tune.search import apply_config, expand
+
+    base = job()
+    space = load_search_space("search_spaces/fit-24gb.yaml")
+    columns, _ = expand(base, space, 32)
+    configs = [columns[0].at_k(32), columns[1].at_k(32)]
+    estimates = {c.key: estimate(apply_config(base, c, space.lora_alpha_rule)) for c in configs}
+    guide = SpeedGuide(base, space, h100_like(), estimates, configs)
+    assert guide.error == DEFAULT_ERROR
+    predicted = guide.predictions()
+    guide.observe(configs[0], predicted[configs[0].key] * 3)  # the model was 3x too slow
+    assert guide.error == pytest.approx(2 / 3)
+    assert guide.cal.observations  # and it refitted

@@ -18,6 +18,8 @@ from runner.tune.search import Config, apply_config
 
 DEFAULT_ERROR = 0.10
 """The margin a prediction gets until measurements say more: bench/results/predict-*.md's held-out error."""
+RECENT = 3
+"""How many of the latest before-measurement misses bound the margin (older ones predate later refits)."""
 
 
 class SpeedGuide:
@@ -27,6 +29,7 @@ class SpeedGuide:
         self.specs = {c.key: apply_config(job, c, space.lora_alpha_rule) for c in configs}
         self.specs = {k: s for k, s in self.specs.items() if k in estimates and unmodelled(s) is None}
         self.observations: list[dict] = list(cal.observations)
+        self.misses: list[float] = []  # |prediction made before measuring / measured - 1|, in measuring order
 
     def predictions(self) -> dict[str, float]:
         out = {}
@@ -39,15 +42,22 @@ class SpeedGuide:
 
     @property
     def error(self) -> float:
-        """The relative margin a prediction gets: the model's largest error over what it was fitted to, at
-        least DEFAULT_ERROR (a fit to a handful of configs can be exact on them and still err elsewhere)."""
-        return max(DEFAULT_ERROR, (self.cal.error_pct or 0.0) / 100)
+        """The relative margin a prediction gets: at least DEFAULT_ERROR, the model's largest error over what it
+        was fitted to, and its largest miss on the last RECENT configs it predicted before they were measured (a
+        fit to a handful of configs can be exact on them and still err elsewhere: a search whose predictions
+        keep missing prunes nothing on them)."""
+        return max(DEFAULT_ERROR, (self.cal.error_pct or 0.0) / 100, *self.misses[-RECENT:])
 
     def observe(self, c: Config, tokens_per_s: float) -> None:
         """A measured config: refit the coefficients to every measurement so far."""
         if c.key not in self.specs or tokens_per_s <= 0 or \
                 any(o["name"] == c.key and o["tokens_per_s"] == tokens_per_s for o in self.observations):
             return  # (a resumed search sees its earlier results again: each counts once)
+        try:
+            predicted = speed.predict(self.estimates[c.key], self.specs[c.key], self.cal).tokens_per_s
+            self.misses.append(abs(predicted / tokens_per_s - 1))
+        except ValueError:
+            pass
         self.observations.append(speed.observation(self.estimates[c.key], self.specs[c.key], self.cal, tokens_per_s,
                                                    c.key))
         self.cal = speed.refit(self.cal, self.observations)
