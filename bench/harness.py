@@ -48,7 +48,8 @@ class Arm:
     flags: tuple[str, ...] = ()                # fitrun: other CLI flags (--gpu L4)
     script: str = ""                           # script: path from the repo root
     tree: str = ""                             # run another checkout of fitrun (the code before a change)
-    baseline: str = ""                         # the arm (of the same command) that the ratio divides by
+    baseline: str = ""                         # the arm(s) of the same command a ratio divides by: comma-separated;
+    #                                            "unsloth-*": the fastest arm whose name matches (a peer's best)
     card_total_mib: int | None = None          # the card this arm emulates: fits = whole process <= this
     note: str = ""
 
@@ -232,6 +233,24 @@ COLUMNS = (("tokens_per_s", "tokens/s", ",.0f"), ("peak_reserved_gib", "allocato
            ("fits_card", "fits the card", ""))
 
 
+def ratio_lines(name: str, baselines: str, figures: dict[str, dict]) -> list[str]:
+    """`NAME_vs_BASE_same_command: x` per baseline of the arm; a glob baseline (`unsloth-*`) divides by the
+    fastest matching arm of the command and names it (`NAME_vs_unsloth_best_same_command`)."""
+    from fnmatch import fnmatch
+
+    mine, out = figures.get(name, {}).get("tokens_per_s"), []
+    for base in filter(None, baselines.split(",")):
+        if "*" in base:
+            ran = {n: f["tokens_per_s"] for n, f in figures.items() if fnmatch(n, base) and f.get("tokens_per_s")}
+            if mine and ran:
+                best = max(ran, key=ran.get)
+                out.append(f"{name}_vs_{base.rstrip('-*')}_best_same_command: {mine / ran[best]:.2f} "
+                           f"(the best of {len(ran)} that ran: {best}, {ran[best]:,.0f} tokens/s)")
+        elif mine and (theirs := figures.get(base, {}).get("tokens_per_s")):
+            out.append(f"{name}_vs_{base}_same_command: {mine / theirs:.2f}")
+    return out
+
+
 def report(suite: str) -> str:
     """The markdown of every command in bench/results/SUITE.jsonl, newest first; ratios only within a command."""
     lines_in = [json.loads(x) for x in (RESULTS / f"{suite}.jsonl").read_text().splitlines() if x.strip()]
@@ -264,10 +283,7 @@ def report(suite: str) -> str:
             md.append(f"| {arm['name']} | " + " | ".join(cells) + f" | {arm['note']} |")
         md.append("")
         for r in rows:
-            base = r["arm"]["baseline"]
-            mine, theirs = r["figures"].get("tokens_per_s"), figures.get(base, {}).get("tokens_per_s")
-            if base and mine and theirs:
-                md.append(f"{r['arm']['name']}_vs_{base}_same_command: {mine / theirs:.2f}")
+            md += ratio_lines(r["arm"]["name"], r["arm"]["baseline"], figures)
             if r["arm"].get("card_total_mib") is not None and "fits_card" in r["figures"]:
                 total = r["arm"]["card_total_mib"]
                 md.append(f"card_job_fits_{r['arm']['name'].removeprefix('card-')}: "
@@ -286,12 +302,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("verb", choices=["run", "report"])
     ap.add_argument("suite", choices=sorted(SUITES))
-    ap.add_argument("--only", nargs="*", help="these arms of the suite, in the suite's order")
+    ap.add_argument("--only", nargs="*", help="these arms of the suite (names or globs), in the suite's order")
     ap.add_argument("--steps", type=int, help="optimizer steps per arm (default: the arm's own)")
     ap.add_argument("--parallel", type=int, default=1, help="arms at once (memory-fit suites only; speed needs 1)")
     args = ap.parse_args()
     if args.verb == "run":
-        arms = [a for a in SUITES[args.suite] if not args.only or a.name in args.only]
+        from fnmatch import fnmatch
+
+        arms = [a for a in SUITES[args.suite] if not args.only or any(fnmatch(a.name, o) for o in args.only)]
         run_suite(args.suite, arms, args.steps, args.parallel)
     print(report(args.suite))
 

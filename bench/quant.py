@@ -185,8 +185,10 @@ def hf_qlora_arm(cap_gib: float) -> dict:
     return hf_trainer(model, ordered_rows(spec, tok, STEPS * 16), 16, STEPS, spec.data.sequence_len)
 
 
-def unsloth_arm(cap_gib: float, four_bit: bool) -> dict:
-    """Unsloth as its README trains: FastLanguageModel, its offloaded checkpointing, a plain HF Trainer."""
+def unsloth_arm(cap_gib: float, four_bit: bool, micro_batch: int = 1, checkpointing: bool | str = "unsloth",
+                steps: int = STEPS) -> dict:
+    """Unsloth as its README trains: FastLanguageModel, its offloaded checkpointing ("unsloth"; or True: plain
+    gradient checkpointing), a plain HF Trainer, micro-batch x accumulation = 16 sequences."""
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
     import torch
     import unsloth  # noqa: F401  (first, so it patches transformers and peft)
@@ -197,10 +199,11 @@ def unsloth_arm(cap_gib: float, four_bit: bool) -> dict:
     model, _ = FastLanguageModel.from_pretrained(model_name=str(LOCAL_DIR), max_seq_length=spec.data.sequence_len,
                                                  dtype=torch.bfloat16, load_in_4bit=four_bit, local_files_only=True)
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, bias="none",
-                                             target_modules=TARGETS, use_gradient_checkpointing="unsloth",
+                                             target_modules=TARGETS, use_gradient_checkpointing=checkpointing,
                                              random_state=0)
-    return hf_trainer(model, ordered_rows(spec, tok, STEPS * 16), 16, STEPS, spec.data.sequence_len,
-                      gradient_checkpointing=False)  # Unsloth's own checkpointing, set by get_peft_model
+    return hf_trainer(model, ordered_rows(spec, tok, steps * 16), 16 // micro_batch, steps, spec.data.sequence_len,
+                      gradient_checkpointing=False,  # Unsloth's own checkpointing, set by get_peft_model
+                      micro_batch=micro_batch)
 
 
 def run_arm(name: str) -> dict:

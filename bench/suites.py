@@ -4,6 +4,8 @@
     PYTHONPATH=. python bench/harness.py run structure               # the 24 GiB job before and after a change
 """
 
+import os
+
 from harness import Arm
 
 from runner.cards import load_catalogue
@@ -42,6 +44,17 @@ def _l4_budget_gib() -> float:
     return round(allocator_budget_gib(cards["L4"], cards), 3)
 
 
+def _unsloth_grid() -> list[str]:
+    from unsloth_grid import GRID
+
+    return GRID
+
+
+# Where an Unsloth install lives on the device (its wheels and pinned dependencies unpacked, like .device's):
+# FITRUN_UNSLOTH_PATH=/tmp/uns; empty: Unsloth importable as installed.
+UNSLOTH_PATH = ("--uns-path", os.environ["FITRUN_UNSLOTH_PATH"]) if os.environ.get("FITRUN_UNSLOTH_PATH") else ()
+
+
 def _before() -> str:
     """The commit unpacked in `.before/` (its `.commit` file, written beside `git archive`), for the notes."""
     from harness import ROOT
@@ -61,6 +74,24 @@ SUITES = {
         Arm(name="l4-job", kind="fitrun", job="jobs/llama3-8b-lora-l4.yaml", baseline="seed-recipe-l4",
             sets=RANDOM + ("training.max_steps=6", "training.save_steps=null"),
             note="jobs/llama3-8b-lora-l4.yaml under the L4's budget"),
+    ],
+    # Issue 25, the peers: the same, and Unsloth's best of its grid (bench/unsloth_grid.py: micro-batch 1/2/4,
+    # its offloaded or plain checkpointing, 16-bit or 4-bit) under the same budget; the random 8B saved first in
+    # its own process. Each arm alone, ~1 min per Unsloth arm: more than one 10-minute device command holds, so
+    # split the grid, each command with its own l4-job arm, e.g. `--only l4-job local-model 'unsloth-16bit-*'`
+    # then `--only l4-job 'unsloth-4bit-*'`; every ratio stays within one command, and the claim is the lower.
+    "l4-vs-peers": [
+        Arm(name="seed-recipe-l4", kind="script", script="bench/throughput_24gb.py",
+            sets=("--only", "seed", "--out", "/dev/null", "--cap-gib", str(_l4_budget_gib())),
+            note="HF Trainer + GC, bf16, r16, mb 1 x 16, allocator capped at the L4's budget"),
+        Arm(name="l4-job", kind="fitrun", job="jobs/llama3-8b-lora-l4.yaml", baseline="seed-recipe-l4,unsloth-*",
+            sets=RANDOM + ("training.max_steps=6", "training.save_steps=null"),
+            note="jobs/llama3-8b-lora-l4.yaml under the L4's budget"),
+        Arm(name="local-model", kind="script", script="bench/unsloth_grid.py", sets=("--only", "local-model"),
+            note="the random 8B saved for the peers (not a measurement)"),
+        *[Arm(name=f"unsloth-{g}", kind="script", script="bench/unsloth_grid.py",
+              sets=("--only", g, "--cap-gib", str(_l4_budget_gib()), *UNSLOTH_PATH),
+              note=f"Unsloth, {g.replace('-', ', ')}, allocator capped at the L4's budget") for g in _unsloth_grid()],
     ],
     # Issue 23: each shipped card job trains 20 steps (eval and a save inside) under its card's emulated
     # budget; fits = the whole process (NVML) within the card's driver-reported total.

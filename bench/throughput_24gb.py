@@ -56,8 +56,8 @@ def ordered_rows(spec, tok, count: int) -> list[dict]:
 
 
 def hf_trainer(model, rows: list[dict], accum: int, steps: int, seq: int, gradient_checkpointing: bool = True,
-               **extra_args) -> dict:
-    """`steps` optimizer steps of HF Trainer over `rows` in order (micro-batch 1, bf16, adamw_torch,
+               micro_batch: int = 1, **extra_args) -> dict:
+    """`steps` optimizer steps of HF Trainer over `rows` in order (micro-batch `micro_batch`, bf16, adamw_torch,
     non-reentrant gradient checkpointing): tokens/s between the first and the last step, peak
     reserved memory, the losses."""
     import torch
@@ -73,7 +73,8 @@ def hf_trainer(model, rows: list[dict], accum: int, steps: int, seq: int, gradie
                 torch.cuda.synchronize()
             times.append(time.perf_counter())
 
-    args = TrainingArguments(output_dir="/tmp/seed", per_device_train_batch_size=1, gradient_accumulation_steps=accum,
+    args = TrainingArguments(output_dir="/tmp/seed", per_device_train_batch_size=micro_batch,
+                             gradient_accumulation_steps=accum,
                              bf16=cuda, gradient_checkpointing=gradient_checkpointing, use_cpu=not cuda,
                              gradient_checkpointing_kwargs={"use_reentrant": False}, optim="adamw_torch",
                              learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0, max_steps=steps,
@@ -91,7 +92,7 @@ def hf_trainer(model, rows: list[dict], accum: int, steps: int, seq: int, gradie
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     step_s = (times[-1] - times[0]) / (len(times) - 1)
-    return {"tokens_per_s": accum * seq / step_s,
+    return {"tokens_per_s": accum * micro_batch * seq / step_s,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else 0.0, "loss": losses[-1],
             "losses": losses}
 
