@@ -44,6 +44,18 @@ def _l4_budget_gib() -> float:
     return round(allocator_budget_gib(cards["L4"], cards), 3)
 
 
+def _seed_l4() -> Arm:
+    return Arm(name="seed-recipe-l4", kind="script", script="bench/throughput_24gb.py",
+               sets=("--only", "seed", "--out", "/dev/null", "--cap-gib", str(_l4_budget_gib())),
+               note="HF Trainer + GC, bf16, r16, mb 1 x 16, allocator capped at the L4's budget")
+
+
+def _l4_job(baseline: str) -> Arm:
+    return Arm(name="l4-job", kind="fitrun", job="jobs/llama3-8b-lora-l4.yaml", baseline=baseline,
+               sets=RANDOM + ("training.max_steps=6", "training.save_steps=null"),
+               note="jobs/llama3-8b-lora-l4.yaml under the L4's budget")
+
+
 def _unsloth_grid() -> list[str]:
     from unsloth_grid import GRID
 
@@ -68,12 +80,8 @@ SUITES = {
     # seed recipe (HF Trainer + gradient checkpointing, bf16, r16, micro-batch 1 x 16) under the same
     # allocator budget, one arm at a time in one command.
     "l4-vs-seed": [
-        Arm(name="seed-recipe-l4", kind="script", script="bench/throughput_24gb.py",
-            sets=("--only", "seed", "--out", "/dev/null", "--cap-gib", str(_l4_budget_gib())),
-            note="HF Trainer + GC, bf16, r16, mb 1 x 16, allocator capped at the L4's budget"),
-        Arm(name="l4-job", kind="fitrun", job="jobs/llama3-8b-lora-l4.yaml", baseline="seed-recipe-l4",
-            sets=RANDOM + ("training.max_steps=6", "training.save_steps=null"),
-            note="jobs/llama3-8b-lora-l4.yaml under the L4's budget"),
+        _seed_l4(),
+        _l4_job("seed-recipe-l4"),
     ],
     # Issue 25, the peers: the same, and Unsloth's best of its grid (bench/unsloth_grid.py: micro-batch 1/2/4,
     # its offloaded or plain checkpointing, 16-bit or 4-bit) under the same budget; the random 8B saved first in
@@ -81,12 +89,8 @@ SUITES = {
     # split the grid, each command with its own l4-job arm, e.g. `--only l4-job local-model 'unsloth-16bit-*'`
     # then `--only l4-job 'unsloth-4bit-*'`; every ratio stays within one command, and the claim is the lower.
     "l4-vs-peers": [
-        Arm(name="seed-recipe-l4", kind="script", script="bench/throughput_24gb.py",
-            sets=("--only", "seed", "--out", "/dev/null", "--cap-gib", str(_l4_budget_gib())),
-            note="HF Trainer + GC, bf16, r16, mb 1 x 16, allocator capped at the L4's budget"),
-        Arm(name="l4-job", kind="fitrun", job="jobs/llama3-8b-lora-l4.yaml", baseline="seed-recipe-l4,unsloth-*",
-            sets=RANDOM + ("training.max_steps=6", "training.save_steps=null"),
-            note="jobs/llama3-8b-lora-l4.yaml under the L4's budget"),
+        _seed_l4(),
+        _l4_job("seed-recipe-l4,unsloth-*"),
         Arm(name="local-model", kind="script", script="bench/unsloth_grid.py", sets=("--only", "local-model"),
             note="the random 8B saved for the peers (not a measurement)"),
         *[Arm(name=f"unsloth-{g}", kind="script", script="bench/unsloth_grid.py",
