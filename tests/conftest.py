@@ -3,6 +3,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -14,6 +15,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FITRUN_PROGRESS", "0")  # no progress bars in test logs
+# The step-time calibrations the tests measure and refit stay in this session's own folder: a user's cache (or
+# another checkout's, of another fitrun version) must not steer a test's search, nor a test write into it.
+os.environ["FITRUN_CACHE_DIR"] = tempfile.mkdtemp(prefix="fitrun-test-cache-")
 
 
 @pytest.fixture(scope="session")
