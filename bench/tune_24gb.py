@@ -22,6 +22,7 @@ from pathlib import Path
 from gpu import hardware
 
 from runner.loading import load_job, load_search_space
+from runner.spec import space_for_card
 from runner.tune.driver import run_tune
 from runner.tune.report import TuneOptions
 from runner.tune.search import Config
@@ -31,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--job", default="jobs/llama3-8b-lora.yaml")
     ap.add_argument("--space", default="search_spaces/fit-24gb.yaml")
+    ap.add_argument("--gpu", help="a catalogued card: the probes' allocator is capped at its budget (fitrun tune --gpu)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--space-set", dest="space_overrides", action="append", default=[])
     ap.add_argument("--out", help="the results file (required unless --compare)")
@@ -46,8 +48,9 @@ def main() -> None:
         return
     if not args.out:
         ap.error("--out is required")
-    job = load_job(args.job, ["model.init=random", "name=tune-bench", *args.overrides])
-    space = load_search_space(args.space, args.space_overrides)
+    card = [f"resources.gpu={args.gpu}", "resources.gpu_memory_gib=null"] if args.gpu else []
+    job = load_job(args.job, ["model.init=random", "name=tune-bench", *args.overrides, *card])
+    space = space_for_card(job, load_search_space(args.space, args.space_overrides), None)
     seed = Config(r=job.lora.r, micro_batch_size=1, gradient_accumulation_steps=job.global_batch_size,
                   placement="first", k=32 if "8b" in args.job else 4)
     start = time.time()
@@ -58,14 +61,14 @@ def main() -> None:
         keep = ("tune_wall_s", "trials_run", "grid_size", "pruned", "outpaced_columns", "exclusive_runs", "winner",
                 "winner_tokens_per_s", "speed_model_error_median_pct", "speed_model_error_max_pct")
         Path(args.json).write_text(json.dumps({"exhaustive": args.exhaustive, "hardware": hardware(),
-                                               "space": args.space, "space_sets": args.space_overrides,
+                                               "space": args.space, "space_sets": args.space_overrides, "gpu": args.gpu,
                                                **{k: s.get(k) for k in keep}}, indent=1) + "\n")
     seed_res = s.get("exclusive", {}).get(seed.key, {})
     seed_tps = seed_res.get("tokens_per_s") or float("nan")
     speedup = s.get("winner_tokens_per_s", float("nan")) / seed_tps
 
     hw = hardware()
-    lines = [f"# fitrun tune under a {space.gpu_memory_gib:g} GiB ceiling ({datetime.date.today()})", "",
+    lines = [f"# fitrun tune under a {space.gpu_memory_gib:g} GiB ceiling{f' ({args.gpu})' if args.gpu else ''} ({datetime.date.today()})", "",
              f"- hardware: {hw}",
              f"- job: {args.job} (model.init=random) {' '.join(args.overrides)}, global batch {job.global_batch_size}, "
              f"seq {job.data.sequence_len}{' packed' if job.data.packing else ' padded'}; space: {args.space} "
@@ -100,7 +103,7 @@ def main() -> None:
 def compare(guided_path: str, exhaustive_path: str) -> str:
     """The issue-24 lines from a guided and an exhaustive search of the same space on the same card."""
     g, e = json.loads(Path(guided_path).read_text()), json.loads(Path(exhaustive_path).read_text())
-    if g["exhaustive"] or not e["exhaustive"] or (g["space"], g["space_sets"]) != (e["space"], e["space_sets"]):
+    if g["exhaustive"] or not e["exhaustive"] or (g["space"], g["space_sets"], g.get("gpu")) != (e["space"], e["space_sets"], e.get("gpu")):
         raise SystemExit("give a guided and an exhaustive search of the same space")
     gap = 100 * (e["winner_tokens_per_s"] - g["winner_tokens_per_s"]) / e["winner_tokens_per_s"]
     return "\n".join([f"card: {g['hardware']} / {e['hardware']}",
