@@ -105,14 +105,18 @@ def compare(guided_path: str, exhaustive_path: str) -> str:
     g, e = json.loads(Path(guided_path).read_text()), json.loads(Path(exhaustive_path).read_text())
     if g["exhaustive"] or not e["exhaustive"] or (g["space"], g["space_sets"], g.get("gpu")) != (e["space"], e["space_sets"], e.get("gpu")):
         raise SystemExit("give a guided and an exhaustive search of the same space")
-    gap = 100 * (e["winner_tokens_per_s"] - g["winner_tokens_per_s"]) / e["winner_tokens_per_s"]
+    spread = 100 * (e["winner_tokens_per_s"] - g["winner_tokens_per_s"]) / e["winner_tokens_per_s"]
+    # the same config won both: no gap (the two measurements of it differ by run-to-run noise alone)
+    gap = 0.0 if g["winner"] == e["winner"] else spread
     return "\n".join([f"card: {g['hardware']} / {e['hardware']}",
                       f"tune_wall_s_unpacked: {g['tune_wall_s']:.0f}", f"probes_run: {g['trials_run']}",
                       f"outpaced_columns: {g['outpaced_columns']}",
                       f"exhaustive: {e['tune_wall_s']:.0f} s, {e['trials_run']} probes (packed)",
                       f"winner guided: {g['winner']} {g['winner_tokens_per_s']:.0f} tokens/s",
                       f"winner exhaustive: {e['winner']} {e['winner_tokens_per_s']:.0f} tokens/s",
-                      f"winner_gap_vs_exhaustive_pct: {gap:.1f}"])
+                      f"winner_gap_vs_exhaustive_pct: {gap:.1f}" + (
+                          f" (the same config; its two measurements differ by {spread:+.1f}%)"
+                          if g["winner"] == e["winner"] else "")])
 
 
 if __name__ == "__main__":

@@ -128,6 +128,18 @@ def test_a_gpu_job_without_a_card_in_hand_uses_the_shipped_calibration(tmp_path,
     assert card == "L4" and "datasheet-scaled" in p.source and p.tokens_per_s > 0
 
 
+def test_a_card_with_its_own_shipped_calibration_is_predicted_from_it_unscaled(tmp_path, monkeypatch):
+    monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path))
+    catalogue = load_catalogue()
+    ships = {find_card(c.card, catalogue).name: c for c in speed.shipped()}
+    if len(ships) < 2:
+        pytest.skip("fewer than two cards' calibrations shipped")
+    spec = load_job("jobs/llama3-8b-lora-24gb.yaml", ["model.init=random"])
+    for name, cal in ships.items():
+        p, _ = speed.predict_job(spec, estimate(spec), find_card(name, catalogue), catalogue)
+        assert p.source == cal.source and "datasheet-scaled" not in p.source
+
+
 def oracle_speed(c: Config) -> float:
     return 10000.0 / (1 + 0.02 * c.k) * (1 + 0.1 * (c.micro_batch_size - 1)) * (1 - 0.001 * c.r)
 
