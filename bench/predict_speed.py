@@ -7,7 +7,7 @@
 `measure` first calibrates the card (runner.estimate.speed.calibrate: the frozen linears per kind, attention,
 bandwidth, launch), writes DIR/calibration.json, then trains every config of CONFIGS in this process, one after
 another, as fitrun's worker does (build_trainable, fused AdamW, train_step on the shipped data, packed): 1 warm-up
-step and 3 measured ones of 2 micro-batches (the median micro-batch), tokens/s at the job's true accumulation
+step and 5 measured ones of 2 micro-batches (the median micro-batch), tokens/s at the job's true accumulation
 (global batch 16 sequences), as a tuner probe reports it; an unrecorded config warms the process up first. Each
 config appends one line to DIR/measured.jsonl (commit, card, versions, the config, the measurement, the
 estimate's work counts), so a cut run keeps what it measured.
@@ -63,7 +63,7 @@ CONFIGS = {
 ORDER = [name for pair in zip(CALIBRATION, [n for n in CONFIGS if n not in CALIBRATION]) for name in pair] + \
     [n for n in CONFIGS if n not in CALIBRATION][len(CALIBRATION):]
 GLOBAL_SEQUENCES = 16
-WARMUP, MEASURED = 1, 3
+WARMUP, MEASURED = 1, 5  # 3 until the H100 run of 2026-12-07, whose eager configs' micro-batches varied by up to 35%
 # The first config trained in a fresh process ran with a 0.29-0.48 s spread between its two measured steps on the
 # H200 (2026-12-07; later configs within 5%): the process warms up on an unmeasured config first.
 PROCESS_WARMUP = dict(q="none", k=16, mb=1, compile=False)
@@ -121,6 +121,7 @@ def _measure_one(spec, data_cache: dict, device) -> dict:
     tokens_micro = t.micro_batch_size * spec.data.sequence_len
     out = {"tokens_per_s": tokens_micro / (micro_s + opt_s / t.gradient_accumulation_steps),
            "micro_batch_time_s": micro_s, "optimizer_time_s": opt_s, "micro_spread": [min(micro), max(micro)],
+           "micro_times_s": micro,
            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 1024**3 if cuda else None,
            "setup_and_steps_s": time.perf_counter() - start, "loss": m["loss"]}
     del trainable, optimizer, scheduler, params

@@ -48,8 +48,8 @@ def main() -> None:
         return
     if not args.out:
         ap.error("--out is required")
-    card = [f"resources.gpu={args.gpu}", "resources.gpu_memory_gib=null"] if args.gpu else []
-    job = load_job(args.job, ["model.init=random", "name=tune-bench", *args.overrides, *card])
+    card_sets = [f"resources.gpu={args.gpu}", "resources.gpu_memory_gib=null"] if args.gpu else []
+    job = load_job(args.job, ["model.init=random", "name=tune-bench", *args.overrides, *card_sets])
     space = space_for_card(job, load_search_space(args.space, args.space_overrides), None)
     seed = Config(r=job.lora.r, micro_batch_size=1, gradient_accumulation_steps=job.global_batch_size,
                   placement="first", k=32 if "8b" in args.job else 4)
@@ -68,7 +68,8 @@ def main() -> None:
     speedup = s.get("winner_tokens_per_s", float("nan")) / seed_tps
 
     hw = hardware()
-    lines = [f"# fitrun tune under a {space.gpu_memory_gib:g} GiB ceiling{f' ({args.gpu})' if args.gpu else ''} ({datetime.date.today()})", "",
+    card = f" ({args.gpu})" if args.gpu else ""
+    lines = [f"# fitrun tune under a {space.gpu_memory_gib:g} GiB ceiling{card} ({datetime.date.today()})", "",
              f"- hardware: {hw}",
              f"- job: {args.job} (model.init=random) {' '.join(args.overrides)}, global batch {job.global_batch_size}, "
              f"seq {job.data.sequence_len}{' packed' if job.data.packing else ' padded'}; space: {args.space} "
@@ -103,7 +104,8 @@ def main() -> None:
 def compare(guided_path: str, exhaustive_path: str) -> str:
     """The issue-24 lines from a guided and an exhaustive search of the same space on the same card."""
     g, e = json.loads(Path(guided_path).read_text()), json.loads(Path(exhaustive_path).read_text())
-    if g["exhaustive"] or not e["exhaustive"] or (g["space"], g["space_sets"], g.get("gpu")) != (e["space"], e["space_sets"], e.get("gpu")):
+    same = [(s["space"], s["space_sets"], s.get("gpu")) for s in (g, e)]
+    if g["exhaustive"] or not e["exhaustive"] or same[0] != same[1]:
         raise SystemExit("give a guided and an exhaustive search of the same space")
     spread = 100 * (e["winner_tokens_per_s"] - g["winner_tokens_per_s"]) / e["winner_tokens_per_s"]
     # the same config won both: no gap (the two measurements of it differ by run-to-run noise alone)

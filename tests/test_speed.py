@@ -2,6 +2,7 @@
 this CPU, and the tuner's use of it. Its accuracy on GPUs is measured in bench/results/predict-*.md."""
 
 import random
+import statistics
 from dataclasses import replace
 
 import pytest
@@ -267,3 +268,33 @@ def test_a_guide_whose_predictions_miss_widens_its_margin():
     guide.observe(configs[0], predicted[configs[0].key] * 3)  # the model was 3x too slow
     assert guide.error == pytest.approx(2 / 3)
     assert guide.cal.observations  # and it refitted
+
+
+def test_refit_is_robust_to_one_config_measured_off_the_line(monkeypatch):
+    """Observations made from known coefficients, one of them measured 40% slow (a noisy host): the fit recovers
+    the others' step times, where least squares on all of them would tilt every coefficient."""
+    import random
+
+    rng = random.Random(0)
+    true = {**speed.PRIORS, "matmul": 1.15, "memory_eager": 0.8, "launch_eager": 1.2}
+    observations = []
+    for i in range(8):
+        work = {"matmul": rng.uniform(0.05, 0.3), "recompute_matmul": rng.uniform(0, 0.05),
+                "recompute_attention": rng.uniform(0, 0.01), "attention": rng.uniform(0.01, 0.05),
+                "memory": rng.uniform(0.01, 0.1), "launch": rng.uniform(0.01, 0.1), "optimizer": 0.01}
+        o = {"name": f"c{i}", "work_s": work, "accum": rng.choice([4, 8, 16]), "compiled": i % 2 == 1}
+        o["step_s"] = speed._step_s(true, o) * (1.4 if i == 0 else 1.0)
+        observations.append(o)
+    cal = speed.Calibration(card="X", torch="t", source="s", shape={}, linear={}, attention_tflops={},
+                            bandwidth_gbs=1.0, launch_us=1.0)
+
+    def clean_errors(fitted):
+        return [abs(speed._step_s(fitted.coefficients, o) / o["step_s"] - 1) for o in observations[1:]]
+
+    robust = speed.refit(cal, observations)
+    monkeypatch.setattr(speed, "ROBUST_ROUNDS", 1)  # one round: plain least squares
+    squares = speed.refit(cal, observations)
+    assert max(clean_errors(robust)) < 0.04  # what is left: the priors' pull (the true coefficients are off them)
+    assert max(clean_errors(robust)) < max(clean_errors(squares))
+    assert statistics.median(clean_errors(robust)) < statistics.median(clean_errors(squares))
+    assert robust.error_pct > squares.error_pct  # the off config is left off, not split among the rest
