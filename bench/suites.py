@@ -100,6 +100,16 @@ SUITES = {
     # Issue 23: each shipped card job trains 20 steps (eval and a save inside) under its card's emulated
     # budget; fits = the whole process (NVML) within the card's driver-reported total.
     "cards": [_card_arm(card, key) for card, key in CARD_JOBS.items()],
+    # Issue 23, several workers: the L4 job on two GPUs (DDP; global batch kept at 16), each worker under the
+    # L4's budget; a worker's whole process (NVML) less its allocator peak is what lives outside the allocator
+    # with NCCL's communicator buffers and streams in it (runner.cards.NCCL_UNMEASURED until this has run).
+    # Needs a 2-GPU machine: `run cards-2workers`.
+    "cards-2workers": [
+        Arm(name="card-l4-2workers", kind="fitrun", job="jobs/llama3-8b-lora-l4.yaml",
+            sets=RANDOM + WINDOW + ("resources.num_workers=2", "training.gradient_accumulation_steps=4"),
+            card_total_mib=load_catalogue()["L4"].memory_total_mib,
+            note="`resources.gpu: L4`, 2 workers (DDP): each capped at the L4's budget; NCCL's buffers outside it"),
+    ],
     # Issue 26: estimate vs measured peak reserved on random valid lever combinations, 3 steps each (memory
     # only: arms may share the card).
     "estimate-random": _random_arms(),
