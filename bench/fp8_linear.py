@@ -7,6 +7,7 @@ fp8 (runner/quant.py), eager and under torch.compile, and the bare matmuls as th
   fp8-fastall-compile        fast accumulation in the input-gradient matmul too
   fp8-fast-mk-compile        fp8-fast-compile with inductor's multi-kernel (one-pass row reductions allowed)
   fp8-triton[-fast]-compile  row-wise quantization by runner/fp8_kernels.py (one pass per row)
+  fp8 / fp8-torchrows        eager: the Triton row-wise kernel (fitrun's default there) / the torch expression
   mm-bf16 / mm-fp8 / mm-fp8-fast   the 14 matmuls alone (7 forward, 7 input-gradient), operands prepared once
 
 The seven linears are chained as in the layer (q, k, v read the input; o reads q plus k and v repeated to its
@@ -66,7 +67,8 @@ def layer_step(name: str, tokens: int):
     if name.startswith("fp8"):
         runner.quant.FAST_ACCUM = "-fast" in name
         runner.quant.FAST_ACCUM_BACKWARD = "-fastall" in name
-        runner.quant.ROWWISE = "triton" if "-triton" in name else "torch"
+        runner.quant.ROWWISE = "triton" if "-triton" in name else "torch" if "-torchrows" in name or \
+            name.endswith("compile") else "auto"  # eager: fitrun's default (auto: the Triton kernel there)
         for n in list(model.proj):
             model.proj[n] = runner.quant.Fp8Linear(model.proj[n])
     torch._inductor.config.triton.multi_kernel = 1 if "-mk" in name else 0
@@ -135,7 +137,7 @@ def main() -> None:
     ap.add_argument("--arms", nargs="*", default=["mm-bf16", "mm-fp8", "mm-fp8-fast", "bf16-compile",
                                                   "fp8-compile", "fp8-fast-compile", "fp8-fastall-compile",
                                                   "fp8-fast-mk-compile", "fp8-triton-compile",
-                                                  "fp8-triton-fast-compile"])
+                                                  "fp8-triton-fast-compile", "bf16", "fp8", "fp8-torchrows"])
     ap.add_argument("--profile", nargs="*", default=[], help="arms whose kernels to list")
     args = ap.parse_args()
     ms, profiles = {}, []
@@ -165,7 +167,7 @@ def main() -> None:
     for fp8, bf16 in (("fp8-compile", "bf16-compile"), ("fp8-fast-compile", "bf16-compile"),
                       ("fp8-fastall-compile", "bf16-compile"), ("fp8-fast-mk-compile", "bf16-compile"),
                       ("fp8-triton-compile", "bf16-compile"), ("fp8-triton-fast-compile", "bf16-compile"),
-                      ("fp8", "bf16"), ("mm-fp8", "mm-bf16"), ("mm-fp8-fast", "mm-bf16")):
+                      ("fp8", "bf16"), ("fp8-torchrows", "bf16"), ("mm-fp8", "mm-bf16"), ("mm-fp8-fast", "mm-bf16")):
         if fp8 in ms and bf16 in ms:
             lines.append(f"{fp8}_vs_{bf16}: {ms[bf16] / ms[fp8]:.2f}")
     with open(args.out, "w") as f:

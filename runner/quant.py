@@ -33,9 +33,12 @@ if FAST_ACCUM_MODE not in ("none", "forward", "all"):
     raise ValueError(f"{FAST_ACCUM_ENV}={FAST_ACCUM_MODE!r}: use none, forward or all")
 FAST_ACCUM = FAST_ACCUM_MODE in ("forward", "all")
 FAST_ACCUM_BACKWARD = FAST_ACCUM_MODE == "all"
-# Row-wise quantization of activations and gradients: "torch" (an expression torch.compile fuses) or "triton"
-# (runner/fp8_kernels.py: one pass per row; CUDA only). bench/fp8_linear.py measures both.
-ROWWISE = "torch"
+# Row-wise quantization of activations and gradients: "torch" (an expression torch.compile fuses), "triton"
+# (runner/fp8_kernels.py: one kernel per row-wise quantization; CUDA only), or "auto": the torch expression under
+# torch.compile (fused with its neighbours: faster there, bench/results/fp8-linear-2026-12-07.md) and the Triton
+# kernel in eager layers, where the expression is ~10 kernel launches per quantization (14 per layer forward and
+# backward). bench/fp8_linear.py measures each.
+ROWWISE = "auto"
 
 
 def _replace(layer: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
@@ -55,10 +58,13 @@ def _rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _quantize_rows(t: torch.Tensor, column_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`t` (times `column_scale` per column, if given) in fp8 with one scale per row, by ROWWISE's kernel."""
-    if ROWWISE == "triton" and t.is_cuda:
-        from runner.fp8_kernels import rowwise_fp8
+    if t.is_cuda and (ROWWISE == "triton" or (ROWWISE == "auto" and not torch.compiler.is_compiling())):
+        from runner.fp8_kernels import triton
 
-        return rowwise_fp8(t, column_scale)
+        if triton is not None:
+            from runner.fp8_kernels import rowwise_fp8
+
+            return rowwise_fp8(t, column_scale)
     return _rowwise_fp8(t if column_scale is None else t * column_scale.to(t.dtype))
 
 
