@@ -298,3 +298,26 @@ def test_refit_is_robust_to_one_config_measured_off_the_line(monkeypatch):
     assert max(clean_errors(robust)) < max(clean_errors(squares))
     assert statistics.median(clean_errors(robust)) < statistics.median(clean_errors(squares))
     assert robust.error_pct > squares.error_pct  # the off config is left off, not split among the rest
+
+
+def test_a_fresh_machine_takes_the_shipped_calibration_of_its_own_card_torch_and_fp8_mode(tmp_path, monkeypatch):
+    """The card in hand skips the microbenchmark where fitrun ships a calibration measured on that card with this
+    torch, model shape and fp8 accumulation mode holding every kind asked for; anything else is measured."""
+    from runner.quant import FAST_ACCUM_MODE
+
+    monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path))
+    catalogue = load_catalogue()
+    h100 = find_card("H100", catalogue)
+    shape = {"hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "head_dim": 16}
+    ship = speed.Calibration(card="H100", torch=torch.__version__, source="measured on an H100", shape=shape,
+                             linear={"bf16": {}, "fp8-compile": {}}, attention_tflops={"1024": 1.0}, bandwidth_gbs=1.0,
+                             launch_us=1.0, fp8_fast_accum=FAST_ACCUM_MODE)
+    other_mode = replace(ship, fp8_fast_accum="none" if FAST_ACCUM_MODE != "none" else "all")
+    monkeypatch.setattr(speed, "shipped", lambda: [other_mode, ship])
+    got = speed.shipped_for(h100, shape, ["bf16", "fp8-compile"], catalogue)
+    assert got is not None and got.fp8_fast_accum == FAST_ACCUM_MODE and got.source.startswith("shipped with fitrun")
+    assert speed.cached(h100.name, shape) == got  # stored as this machine's calibration
+    assert speed.shipped_for(h100, shape, ["bf16", "nf4"], catalogue) is None  # a kind it lacks: measure
+    assert speed.shipped_for(find_card("H200", catalogue), shape, ["bf16"], catalogue) is None  # another card
+    monkeypatch.setattr(speed, "shipped", lambda: [replace(ship, torch="0.0")])
+    assert speed.shipped_for(h100, shape, ["bf16"], catalogue) is None  # another torch

@@ -66,6 +66,7 @@ class Calibration:
     coefficients: dict[str, float] = field(default_factory=lambda: dict(PRIORS))
     observations: list[dict] = field(default_factory=list)  # measured configs the coefficients were fitted to
     error_pct: float | None = None                # the largest |error| over `observations` after the fit
+    fp8_fast_accum: str | None = None             # FITRUN_FP8_FAST_ACCUM when measured (the fp8 kinds' rates)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -463,9 +464,11 @@ def calibrate(config, device: torch.device, dtype: torch.dtype, kinds: list[str]
     seqs = ATTENTION_SEQ if cuda else (64, 256)
     attention = _bench_attention(shape, dtype, device, seqs, max(tokens), repeat)
     name = card or (torch.cuda.get_device_name(device) if cuda else "CPU")
+    from runner.quant import FAST_ACCUM_MODE
+
     cal = Calibration(card=name, torch=torch.__version__, source=f"measured on {name}", shape=shape, linear=linear,
                       attention_tflops=attention, bandwidth_gbs=_bench_bandwidth(dtype, device, repeat),
-                      launch_us=_bench_launch(device))
+                      launch_us=_bench_launch(device), fp8_fast_accum=FAST_ACCUM_MODE)
     if cuda:
         torch.cuda.empty_cache()
     return cal
@@ -515,6 +518,20 @@ def _reference(shape: dict[str, int], card: Card | None, catalogue: dict[str, Ca
     return (own or ships or [None])[0]
 
 
+def shipped_for(card: Card, shape: dict[str, int], kinds: list[str], catalogue: dict[str, Card]) -> Calibration | None:
+    """A shipped calibration measured on this card with this torch, model shape and fp8 accumulation mode that
+    has every kind asked for, as this machine's cached one (stored): a fresh machine skips the microbenchmark
+    and starts from coefficients fitted to that run's configs. None where none matches."""
+    from runner.cards import find_card
+    from runner.quant import FAST_ACCUM_MODE
+
+    for c in shipped():
+        if (find_card(c.card, catalogue) == card and c.torch == torch.__version__ and c.shape == shape
+                and c.fp8_fast_accum == FAST_ACCUM_MODE and all(k in c.linear for k in kinds)):
+            return _stored(replace(c, card=card.name, source=f"shipped with fitrun: {c.source}"))
+    return None
+
+
 def calibration_for(job, card: Card | None, catalogue: dict[str, Card], kinds: set[str] = frozenset()) -> Calibration:
     """The calibration that predicts `job` on `card` (default: the job's own device): on a CPU job, this CPU's
     (measured once, cached); with a catalogued GPU in hand, its own (measured once per torch version and model
@@ -536,7 +553,7 @@ def calibration_for(job, card: Card | None, catalogue: dict[str, Card], kinds: s
         dtype = resolve_dtype(job.model, "cuda")
         dense = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
         needed = sorted({linear_kind(job), dense, *kinds} & set(available_kinds(torch.device("cuda"), dtype)))
-        cal = cached(in_hand.name, shape)
+        cal = cached(in_hand.name, shape) or shipped_for(in_hand, shape, needed, catalogue)
         if cal is None:
             cal = _stored(calibrate(config, torch.device("cuda"), dtype, kinds=needed, card=in_hand.name))
         elif missing := [k for k in needed if k not in cal.linear]:
