@@ -99,6 +99,16 @@ class PeakMemory:
                 "peak_reserved_gib": gib(torch.cuda.max_memory_reserved(self.device))}
 
 
+def use_expandable_segments() -> bool:
+    """Turn on the CUDA caching allocator's expandable segments for this process, before it allocates (unless
+    PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF already says how). True where it was turned on."""
+    if any("expandable_segments" in os.environ.get(k, "") for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")):
+        return False
+    setting = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.9; before: the cuda one
+    (setting or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
+    return True
+
+
 def cap_gpu_memory(device: torch.device, gpu_memory_gib: float) -> bool:
     """Make this process's allocator OOM past `gpu_memory_gib`, as it would on a card of that size.
     False (no cap) where the card in hand is that small or smaller: the card itself is the limit."""

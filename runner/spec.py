@@ -245,6 +245,11 @@ class TrainingSpec(_Strict):
     compile: bool = False
     """torch.compile each decoder layer: fuses the elementwise ops around the matmuls and saves fewer
     activations. The first step pays the compile (tens of seconds); on CPU it needs a C++ compiler."""
+    expandable_segments: bool = False
+    """CUDA: the caching allocator grows one mapped segment per stream (PyTorch's `expandable_segments`, what
+    torchtune and vLLM turn on by default) instead of carving fixed blocks, so less of what it reserves sits
+    unused between them. Not yet measured here: the memory estimate still predicts the default allocator's
+    overhead (an over-estimate, if anything). `PYTORCH_CUDA_ALLOC_CONF` set by hand is left as it is."""
     logging_steps: int = Field(1, gt=0)
     eval_steps: int | None = Field(None, gt=0)
     save_steps: int | None = Field(None, gt=0)
@@ -406,6 +411,9 @@ class JobSpec(_Strict):
         if t.max_steps is not None and t.warmup_steps >= t.max_steps:
             notes.append(f"training.warmup_steps ({t.warmup_steps}) >= training.max_steps ({t.max_steps}): the "
                          f"learning rate never reaches {t.learning_rate:g}")
+        if t.expandable_segments and not self.resources.use_gpu:
+            notes.append("training.expandable_segments is set but the job runs on the CPU: it is a CUDA allocator "
+                         "setting")
         if t.eval_steps and not self.data.val_fraction:
             notes.append("training.eval_steps is set but data.val_fraction is 0: there is no eval split, nothing is "
                          "evaluated")

@@ -136,3 +136,26 @@ def test_registering_a_model_is_checked_before_anything_runs(root, tmp_path, mon
     assert "registers its winner's quality run" in capsys.readouterr().err
     assert main(["validate", "jobs/tiny-cpu.yaml", "--set", "tracking.registered_model_name=x",
                  "--space", "search_spaces/tiny-cpu.yaml"]) == 0
+
+
+def test_expandable_segments_is_a_cuda_allocator_lever(monkeypatch):
+    """On a CPU job it is said to have no effect; a hand-set PYTORCH_CUDA_ALLOC_CONF naming it is left alone."""
+    from runner.memory import use_expandable_segments
+
+    cpu = load_job("jobs/tiny-cpu.yaml", ["training.expandable_segments=true"])
+    assert any("expandable_segments" in n for n in cpu.ineffective_settings())
+    assert not load_job("jobs/tiny-cpu.yaml").ineffective_settings()
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    assert use_expandable_segments() is False
+
+
+def test_a_field_added_since_a_run_started_is_no_change_at_its_default():
+    """Resuming a run whose saved spec predates a field: absent and at its default is no change; set is."""
+    from runner.train.driver import spec_changes
+
+    spec = load_job("jobs/tiny-cpu.yaml")
+    saved = spec.to_dict()
+    del saved["training"]["expandable_segments"]
+    assert spec_changes(saved, spec) == []
+    changed = load_job("jobs/tiny-cpu.yaml", ["training.expandable_segments=true"])
+    assert spec_changes(saved, changed) == ["training.expandable_segments: None -> True"]

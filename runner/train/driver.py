@@ -263,8 +263,18 @@ def spec_changes(saved: dict, spec: JobSpec) -> list[str]:
     Ray address may change between attempts)."""
     old, new = flatten(saved), flatten(spec.to_dict())
     ignored = ("tracking.", "resources.address")
+    # A field a later fitrun added, at its default, is no change: the run started without it, as that default.
+    old.update({k: v for k, v in new.items() if k not in old and v == _default(spec, k)})
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if not k.startswith(ignored) and old.get(k) != new.get(k)]
+
+
+def _default(spec: JobSpec, dotted: str) -> Any:
+    """The declared default of the spec field at `dotted` (a section's field), or a marker that equals nothing."""
+    section, _, name = dotted.partition(".")
+    model = getattr(spec, section, None)
+    field = type(model).model_fields.get(name) if hasattr(type(model), "model_fields") else None
+    return field.default if field is not None else object()
 
 
 def _predicted_peak(spec: JobSpec) -> float | None:

@@ -16,7 +16,7 @@ import torch
 from runner.cards import allocator_cap_gib
 from runner.data import IGNORE, MicroBatches, TokenizedData, collate, content_digest, tokenize
 from runner.loading import job_from_dict
-from runner.memory import PeakMemory, ProcessMemory, cap_gpu_memory
+from runner.memory import PeakMemory, ProcessMemory, cap_gpu_memory, use_expandable_segments
 from runner.model import Trainable, build_tokenizer, build_trainable
 from runner.parallel import distribute, gradient_sync, local_value
 from runner.spec import JobSpec
@@ -170,6 +170,8 @@ def _device(spec: JobSpec) -> torch.device:
     if device.type != "cuda":
         raise RuntimeError("resources.use_gpu is true but this worker has no CUDA device")
     torch.cuda.set_device(device)
+    if spec.training.expandable_segments:
+        use_expandable_segments()  # before the first allocation
     return device
 
 
