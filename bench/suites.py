@@ -5,6 +5,7 @@
 """
 
 import os
+from dataclasses import replace
 
 from harness import Arm
 
@@ -75,6 +76,8 @@ def _before() -> str:
     return marker.read_text().strip() if marker.exists() else "0969317"
 
 
+_L4_MIB = load_catalogue()["L4"].memory_total_mib
+
 SUITES = {
     # Issue 25's ratio, honest: the 24 GB class's shipped job (the L4 job, under the L4's budget) against the
     # seed recipe (HF Trainer + gradient checkpointing, bf16, r16, micro-batch 1 x 16) under the same
@@ -96,6 +99,19 @@ SUITES = {
         *[Arm(name=f"unsloth-{g}", kind="script", script="bench/unsloth_grid.py",
               sets=("--only", g, "--cap-gib", str(_l4_budget_gib()), *UNSLOTH_PATH),
               note=f"Unsloth, {g.replace('-', ', ')}, allocator capped at the L4's budget") for g in _unsloth_grid()],
+    ],
+    # The allocator's expandable segments (training.expandable_segments): the L4 job as shipped, the same with
+    # them (what less the allocator reserves), and with them and two fewer recomputed layers (whether that fits
+    # the L4's budget, and how much faster). One arm at a time.
+    "allocator": [
+        replace(_l4_job(""), card_total_mib=_L4_MIB),
+        Arm(name="l4-job-expandable", kind="fitrun", job="jobs/llama3-8b-lora-l4.yaml", baseline="l4-job",
+            sets=RANDOM + ("training.max_steps=6", "training.save_steps=null", "training.expandable_segments=true"),
+            card_total_mib=_L4_MIB, note="the L4 job, expandable segments"),
+        Arm(name="l4-job-expandable-k13", kind="fitrun", job="jobs/llama3-8b-lora-l4.yaml", baseline="l4-job",
+            sets=RANDOM + ("training.max_steps=6", "training.save_steps=null", "training.expandable_segments=true",
+                           "activation_checkpointing.count=13"),
+            card_total_mib=_L4_MIB, note="the L4 job, expandable segments, 13 layers recomputed instead of 15"),
     ],
     # Issue 23: each shipped card job trains 20 steps (eval and a save inside) under its card's emulated
     # budget; fits = the whole process (NVML) within the card's driver-reported total.
