@@ -316,8 +316,24 @@ def test_a_fresh_machine_takes_the_shipped_calibration_of_its_own_card_torch_and
     monkeypatch.setattr(speed, "shipped", lambda: [other_mode, ship])
     got = speed.shipped_for(h100, shape, ["bf16", "fp8-compile"], catalogue)
     assert got is not None and got.fp8_fast_accum == FAST_ACCUM_MODE and got.source.startswith("shipped with fitrun")
+    # its fitted coefficients are this machine's prior; another host's observations and band stay behind
+    assert got.prior == ship.coefficients and got.observations == [] and got.error_pct is None
     assert speed.cached(h100.name, shape) == got  # stored as this machine's calibration
     assert speed.shipped_for(h100, shape, ["bf16", "nf4"], catalogue) is None  # a kind it lacks: measure
     assert speed.shipped_for(find_card("H200", catalogue), shape, ["bf16"], catalogue) is None  # another card
     monkeypatch.setattr(speed, "shipped", lambda: [replace(ship, torch="0.0")])
     assert speed.shipped_for(h100, shape, ["bf16"], catalogue) is None  # another torch
+
+
+def test_refit_pulls_toward_the_calibrations_own_prior():
+    """A calibration that starts from shipped coefficients keeps them where its observations say nothing new."""
+    prior = {**speed.PRIORS, "matmul": 1.3, "launch_eager": 0.7}
+    work = {"matmul": 0.2, "recompute_matmul": 0.0, "recompute_attention": 0.0, "attention": 0.02, "memory": 0.05,
+            "launch": 0.05, "optimizer": 0.01}
+    o = {"name": "c", "work_s": work, "accum": 8, "compiled": False}
+    o["step_s"] = speed._step_s(prior, o)  # measured exactly as the prior predicts
+    cal = speed.Calibration(card="X", torch="t", source="s", shape={}, linear={}, attention_tflops={},
+                            bandwidth_gbs=1.0, launch_us=1.0, coefficients=dict(prior), prior=dict(prior))
+    fitted = speed.refit(cal, [o])
+    assert fitted.coefficients == pytest.approx(prior, rel=1e-4)
+    assert speed.refit(replace(cal, prior=None), [o]).coefficients["matmul"] != pytest.approx(1.3, rel=1e-3)

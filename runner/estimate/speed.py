@@ -67,6 +67,7 @@ class Calibration:
     observations: list[dict] = field(default_factory=list)  # measured configs the coefficients were fitted to
     error_pct: float | None = None                # the largest |error| over `observations` after the fit
     fp8_fast_accum: str | None = None             # FITRUN_FP8_FAST_ACCUM when measured (the fp8 kinds' rates)
+    prior: dict[str, float] | None = None         # what `refit` starts from and pulls toward (None: PRIORS)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -225,8 +226,9 @@ def refit(cal: Calibration, observations: list[dict], strength: float = 0.3) -> 
     if not observations:
         return cal
     weights = [1.0] * len(observations)
+    prior = cal.prior or PRIORS
     for _ in range(ROBUST_ROUNDS):
-        coef = _least_squares(observations, weights, strength)
+        coef = _least_squares(observations, weights, strength, prior)
         errors = [abs(_step_s(coef, o) / o["step_s"] - 1) for o in observations]
         least = max(min(errors), 0.01)  # the best-fitted observation keeps weight 1 against the priors' pull
         weights = [least / max(e, 0.01) for e in errors]
@@ -239,23 +241,26 @@ def _step_s(c: dict[str, float], o: dict) -> float:
     return sum(_step_terms(c, o["work_s"], o["accum"], o["compiled"]).values())
 
 
-def _least_squares(observations: list[dict], weights: list[float], strength: float) -> dict[str, float]:
-    """Coefficients minimising the weighted squared relative errors plus the pull toward `PRIORS`."""
+def _least_squares(observations: list[dict], weights: list[float], strength: float,
+                   prior: dict[str, float]) -> dict[str, float]:
+    """Coefficients minimising the weighted squared relative errors plus the pull toward `prior`."""
     import numpy as np
 
     names = list(PRIORS)
+    # (a coefficient a fit drove to 0 pulls toward a hundredth of its default instead)
+    p = np.maximum(np.array([prior.get(n, PRIORS[n]) for n in names]), 0.01 * np.array([PRIORS[n] for n in names]))
     root_w = np.sqrt(np.array(weights))
 
     def residuals(x: np.ndarray) -> np.ndarray:
         c = dict(zip(names, x))
         fit = root_w * np.array([_step_s(c, o) / o["step_s"] - 1 for o in observations])
-        return np.concatenate([fit, [strength * (c[n] / PRIORS[n] - 1) for n in names]])
+        return np.concatenate([fit, strength * (x / p - 1)])
 
-    x = np.array([PRIORS[n] for n in names])
+    x = p.copy()
     damping = 1e-3
     for _ in range(100):
         r = residuals(x)
-        h = 1e-6 * np.maximum(np.abs(x), np.array([PRIORS[n] for n in names]))
+        h = 1e-6 * np.maximum(np.abs(x), p)
         jac = np.stack([(residuals(x + h[i] * np.eye(len(x))[i]) - r) / h[i] for i in range(len(x))], axis=1)
         step = np.linalg.solve(jac.T @ jac + damping * np.diag(np.diag(jac.T @ jac) + 1e-12), -jac.T @ r)
         trial = np.maximum(x + step, 0.0)
@@ -528,7 +533,10 @@ def shipped_for(card: Card, shape: dict[str, int], kinds: list[str], catalogue: 
     for c in shipped():
         if (find_card(c.card, catalogue) == card and c.torch == torch.__version__ and c.shape == shape
                 and c.fp8_fast_accum == FAST_ACCUM_MODE and all(k in c.linear for k in kinds)):
-            return _stored(replace(c, card=card.name, source=f"shipped with fitrun: {c.source}"))
+            # Its fitted coefficients become this machine's prior; its observations (another host's) and their
+            # error band stay behind: this machine's own measurements refit it and set its margin.
+            return _stored(replace(c, card=card.name, source=f"shipped with fitrun: {c.source}",
+                                   prior=dict(c.coefficients), observations=[], error_pct=None))
     return None
 
 
