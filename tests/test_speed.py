@@ -337,3 +337,9 @@ def test_refit_pulls_toward_the_calibrations_own_prior():
     fitted = speed.refit(cal, [o])
     assert fitted.coefficients == pytest.approx(prior, rel=1e-4)
     assert speed.refit(replace(cal, prior=None), [o]).coefficients["matmul"] != pytest.approx(1.3, rel=1e-3)
+
+
+def test_the_linear_microbenchmark_fits_a_line_through_its_token_counts():
+    assert speed._line((1024, 2048, 4096), [3.0, 5.0, 9.0]) == pytest.approx((0.001953125, 1.0))
+    slope, fixed = speed._line((1, 2, 3), [2.0, 2.1, 1.9])  # noise around a flat line: no negative time
+    assert slope >= 0 and fixed >= 0

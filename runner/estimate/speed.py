@@ -6,7 +6,7 @@ launches, and the frozen linears' shape. A `Calibration` prices that work on one
 
 - the frozen linears, per kind (bf16, fp8, nf4, int8; eager or compiled): seconds per use as `a * weights +
   b * FLOPs`, from a microbenchmark of one decoder layer's seven linears as fitrun builds them (forward, and
-  forward + input gradient) at two token counts;
+  forward + input gradient) at three token counts (a least-squares line);
 - attention: FlashAttention's FLOP rate (forward + backward, causal) at two sequence lengths, log-interpolated;
 - a bandwidth-bound op's GB/s and an eager kernel launch's host time;
 - per-term coefficients (`PRIORS`), refitted to measured configs (`refit`): what eager elementwise kernels
@@ -46,7 +46,9 @@ OVERLAP_P = 3
 launches the next kernel while the GPU runs this one, so neither adds in full; p = 3 fitted the H200's eager
 configs best of sum, max and p = 2..4 (bench/results/predict-2026-12-07.md: chosen after that run, so its
 held-out numbers for this form are not a test; the next card's run is)."""
-LINEAR_TOKENS = (1024, 4096)   # token counts the frozen-linear microbenchmark runs at
+LINEAR_TOKENS = (1024, 2048, 4096)  # token counts the frozen-linear microbenchmark runs at (a line through them:
+# two points split each use's time into per-weight and per-FLOP parts noisily, and datasheet scaling weights
+# the two parts differently; 2,048 is also where micro-batch 1 at seq 2048 runs)
 ATTENTION_SEQ = (1024, 4096)   # sequence lengths of the attention microbenchmark
 OPTIMIZER_BYTES_PER_BYTE = 8   # fused AdamW + clipping: read p, g, m, v, write p, m, v, read g for the norm
 
@@ -396,11 +398,17 @@ def _bench_linear(kind: str, shape: dict[str, int], dtype: torch.dtype, device: 
         x.grad = None
     out = {}
     for name, times in (("forward", fwd), ("backward", [b - f for b, f in zip(fb, fwd)])):
-        (n0, t0), (n1, t1) = zip(tokens, times)
-        per_token = max(0.0, (t1 - t0) / (n1 - n0))
-        fixed = max(0.0, t0 - per_token * n0)
+        per_token, fixed = _line(tokens, times)
         out[name] = [fixed / weights, per_token / (2 * weights)]
     return out
+
+
+def _line(xs: tuple[int, ...], ys: list[float]) -> tuple[float, float]:
+    """(slope, intercept) of the least-squares line through the points, both kept >= 0 (a time)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs))
+    return slope, max(0.0, my - slope * mx)
 
 
 def _bench_attention(shape: dict[str, int], dtype: torch.dtype, device: torch.device, seqs: tuple[int, ...],
