@@ -105,17 +105,12 @@ SUITES = {
     # the L4's budget, and how much faster). One arm at a time.
     "allocator": [
         replace(_l4_job(""), card_total_mib=_L4_MIB),
-        Arm(name="l4-job-expandable", kind="fitrun", job="jobs/llama3-8b-lora-l4.yaml", baseline="l4-job",
-            sets=RANDOM + ("training.max_steps=6", "training.save_steps=null", "training.expandable_segments=true"),
-            card_total_mib=_L4_MIB, note="the L4 job, expandable segments"),
-        Arm(name="l4-job-expandable-k13", kind="fitrun", job="jobs/llama3-8b-lora-l4.yaml", baseline="l4-job",
-            sets=RANDOM + ("training.max_steps=6", "training.save_steps=null", "training.expandable_segments=true",
-                           "activation_checkpointing.count=13"),
-            card_total_mib=_L4_MIB, note="the L4 job, expandable segments, 13 layers recomputed instead of 15"),
+        replace(_l4_job("l4-job"), name="l4-job-expandable", card_total_mib=_L4_MIB,
+                sets=_l4_job("").sets + ("training.expandable_segments=true",), note="the L4 job, expandable segments"),
+        replace(_l4_job("l4-job"), name="l4-job-expandable-k13", card_total_mib=_L4_MIB,
+                sets=_l4_job("").sets + ("training.expandable_segments=true", "activation_checkpointing.count=13"),
+                note="the L4 job, expandable segments, 13 layers recomputed instead of 15"),
     ],
-    # Issue 23: each shipped card job trains 20 steps (eval and a save inside) under its card's emulated
-    # budget; fits = the whole process (NVML) within the card's driver-reported total.
-    "cards": [_card_arm(card, key) for card, key in CARD_JOBS.items()],
     # Issue 23, several workers: the L4 job on two GPUs (DDP; global batch kept at 16), each worker under the
     # L4's budget; a worker's whole process (NVML) less its allocator peak is what lives outside the allocator
     # with NCCL's communicator buffers and streams in it (runner.cards.NCCL_UNMEASURED until this has run).
@@ -123,7 +118,7 @@ SUITES = {
     "cards-2workers": [
         Arm(name="card-l4-2workers", kind="fitrun", job="jobs/llama3-8b-lora-l4.yaml",
             sets=RANDOM + WINDOW + ("resources.num_workers=2", "training.gradient_accumulation_steps=4"),
-            card_total_mib=load_catalogue()["L4"].memory_total_mib,
+            card_total_mib=_L4_MIB,
             note="`resources.gpu: L4`, 2 workers (DDP): each capped at the L4's budget; NCCL's buffers outside it"),
     ],
     # Issue 26: estimate vs measured peak reserved on random valid lever combinations, 3 steps each (memory

@@ -220,9 +220,10 @@ config, grew."""
 
 def refit(cal: Calibration, observations: list[dict], strength: float = 0.3) -> Calibration:
     """The calibration with its coefficients fitted to `observations` (`observation`'s): the least absolute
-    relative error of the step time (`ROBUST_ROUNDS` of reweighted least squares), pulled toward `PRIORS` (a
-    coefficient no observation informs stays at its prior), each round by Gauss-Newton with damping (the step
-    is linear in every coefficient but the overlapping memory and launch ones), coefficients kept >= 0.
+    relative error of the step time (`ROBUST_ROUNDS` of reweighted least squares), pulled toward the
+    calibration's `prior` (else `PRIORS`: a coefficient no observation informs stays there), each round by
+    Gauss-Newton with damping (the step is linear in every coefficient but the overlapping memory and launch
+    ones), coefficients kept >= 0.
     `error_pct` is the fit's largest |error| over the observations."""
     observations = [o for o in observations if "work_s" in o]  # (a calibration stored before this form: refit anew)
     if not observations:
