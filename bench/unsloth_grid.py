@@ -16,7 +16,8 @@ import json
 import re
 import sys
 
-GRID = [f"{bits}-mb{mb}-{gc}" for bits in ("16bit", "4bit") for mb in (1, 2, 4) for gc in ("unsloth", "gc")]
+# Largest micro-batch first: the likeliest best runs first when a command is cut short.
+GRID = [f"{bits}-mb{mb}-{gc}" for bits in ("16bit", "4bit") for mb in (4, 2, 1) for gc in ("unsloth", "gc")]
 ARM = re.compile(r"(16bit|4bit)-mb([124])-(unsloth|gc)")
 
 
