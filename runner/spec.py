@@ -312,6 +312,9 @@ class TrackingSpec(_Strict):
     run_name: str | None = None
     log_model: bool = True
     """The adapter as an MLflow model (transformers flavor, PEFT form; `runner.registry`), beside its files."""
+    retry_every_s: float = Field(15.0, gt=0, le=3600)
+    """While the tracking server does not answer, one delivery attempt of the waiting records per this many
+    seconds (training never waits on it)."""
     registered_model_name: str | None = Field(None, min_length=1, max_length=256, pattern=r"^[^/:%]+$")
     """Registers that model as a new version of this registered model (`--register NAME`); for a search,
     the winner's quality run."""

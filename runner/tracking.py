@@ -159,7 +159,7 @@ def ui_link(uri: str, exp_id: str) -> str:
 
 OUTBOX_FILE = "mlflow-pending.jsonl"
 OUTBOX_MAX_ENTRIES = 200_000     # about 60 MB of step metrics; beyond it new metrics are dropped and counted
-RETRY_EVERY_S = 15.0             # while the server is away, one delivery attempt per this many seconds
+RETRY_EVERY_S = 15.0             # while the server is away, one delivery attempt per this many seconds (the default)
 
 
 # MLflow's client retries a call 7 times with backoff (minutes) before it fails: a training step would wait that
@@ -240,8 +240,9 @@ class RunLogger:
     a tracking server that goes away never stops training: metrics, tags, artifacts and the run's end wait on
     disk and are delivered in order when it answers again (or by `fitrun sync OUTPUT_DIR`)."""
 
-    def __init__(self, uri: str, run_id: str, outbox: Path | None = None):
+    def __init__(self, uri: str, run_id: str, outbox: Path | None = None, retry_every_s: float = RETRY_EVERY_S):
         self.client = open_store(uri)
+        self.retry_every_s = retry_every_s
         self.uri, self.run_id = uri, run_id
         self.outbox = Outbox(outbox) if outbox else None
         if outbox:
@@ -265,7 +266,7 @@ class RunLogger:
             self.outbox.add(entry)
 
     def _away(self, e: BaseException) -> None:
-        self._next_try = time.monotonic() + RETRY_EVERY_S
+        self._next_try = time.monotonic() + self.retry_every_s
         if not self._said_away:
             self._said_away = True
             print(f"warning: MLflow at {redact(self.uri)} does not answer ({type(e).__name__}); training goes on, and "
@@ -286,7 +287,7 @@ class RunLogger:
 
     def flush(self, force: bool = False) -> bool:
         """Deliver what waits in the outbox, oldest first; True when nothing is left. While the server is away,
-        one attempt per RETRY_EVERY_S (`force`: now)."""
+        one attempt per `retry_every_s` (`force`: now)."""
         if self.outbox is None or not self.outbox.path.exists():
             return True
         if not force and time.monotonic() < self._next_try:

@@ -90,7 +90,8 @@ def _read_until_step(proc, step: int, seen: list[str], timeout_s: float = 300) -
     raise AssertionError(f"no step {step} within {timeout_s} s")
 
 
-def _job_until_outage(root, tmp_path, steps: int, save_steps: str, stop_at: int, delay_s: float):
+def _job_until_outage(root, tmp_path, steps: int, save_steps: str, stop_at: int, delay_s: float,
+                      retry_every_s: float = 15.0):
     """The tiny job against a real `mlflow server` (this folder's store, a fixed port), the server stopped once
     the job prints step `stop_at`: (the running job, its output so far, the env, the port)."""
     from conftest import serve_mlflow
@@ -102,7 +103,7 @@ def _job_until_outage(root, tmp_path, steps: int, save_steps: str, stop_at: int,
     args = [sys.executable, "-m", "runner", "train", "jobs/tiny-cpu.yaml", "--set", f"output_dir={tmp_path}/out",
             "--set", f"tracking.tracking_uri=http://127.0.0.1:{port}", "--set", f"training.max_steps={steps}",
             "--set", "training.logging_steps=1", "--set", f"training.save_steps={save_steps}",
-            "--set", "training.eval_steps=null"]
+            "--set", "training.eval_steps=null", "--set", f"tracking.retry_every_s={retry_every_s}"]
     seen: list[str] = []
     with serve_mlflow(tmp_path, port):
         proc = subprocess.Popen(args, cwd=root, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -126,19 +127,20 @@ def _the_run(url: str, steps: int) -> None:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_tracking_outage_never_stops_training(root, tmp_path):
-    """Issue 26: the MLflow server killed at step 10 of 40 and started again (same store, same port) at step 25:
+    """Issue 26: the MLflow server killed at step 8 of 30 and started again (same store, same port) at step 16:
     training never stops, exit 0, one FINISHED run, 40 loss points, each step once; the output says the server
     went away and that the waiting records were delivered."""
     from conftest import serve_mlflow
 
-    proc, seen, _, port = _job_until_outage(root, tmp_path, steps=40, save_steps="20", stop_at=10, delay_s=1.5)
+    proc, seen, _, port = _job_until_outage(root, tmp_path, steps=30, save_steps="15", stop_at=8, delay_s=1.0,
+                                          retry_every_s=3)
     try:  # the server is gone: training goes on
-        _read_until_step(proc, 25, seen)
+        _read_until_step(proc, 16, seen)
         with serve_mlflow(tmp_path, port) as url:
             rest, _ = proc.communicate(timeout=300)
             log = "".join(seen) + rest
             assert proc.returncode == 0, log[-4000:]
-            _the_run(url, 40)
+            _the_run(url, 30)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -431,7 +431,7 @@ def sync(output_dir: str) -> int:
         raise SpecError(str(output_dir), [f"no job here: expected {spec_file} and {run_id_file}, as `fitrun train` "
                                           "writes them into its output_dir"])
     spec = job_from_dict(json.loads(spec_file.read_text()), str(spec_file))
-    logger = RunLogger(tracking_uri(spec.tracking), run_id_file.read_text().strip(), outbox)
+    logger = RunLogger(tracking_uri(spec.tracking), run_id_file.read_text().strip(), outbox)  # sync: tries now
     before = logger.pending()
     logger.flush(force=True)
     left = logger.pending()
@@ -454,7 +454,8 @@ def _open_run(spec: JobSpec, out: Location, uri: str, resume_from: Location | No
     marked as recovered), else a new one; a run with nothing to resume from is closed as KILLED."""
     run_id_file = out / "mlflow_run_id"
     outbox = outbox_path(str(out))
-    old = RunLogger(uri, run_id_file.read_text().strip(), outbox) if run_id_file.exists() else None
+    old = RunLogger(uri, run_id_file.read_text().strip(), outbox, spec.tracking.retry_every_s) \
+        if run_id_file.exists() else None
     if old is not None and resume_from:
         if old.status() == "RUNNING":
             old.tags({"fitrun.recovered": "the previous driver died without closing this run; resumed from "
@@ -470,7 +471,7 @@ def _open_run(spec: JobSpec, out: Location, uri: str, resume_from: Location | No
     run_id = start_run(uri, spec.tracking.experiment_name, spec.tracking.run_name or spec.name,
                        params=written.to_dict(), tags={"fitrun.kind": "train"})
     run_id_file.write_text(run_id)
-    logger = RunLogger(uri, run_id, outbox)
+    logger = RunLogger(uri, run_id, outbox, spec.tracking.retry_every_s)
     logger.text(dump_yaml(spec), "job.yaml")
     return logger
 

@@ -131,8 +131,8 @@ def setup(spec: JobSpec, probe: Probe | None, tracking_uri: str | None, run_id: 
     params = [p for p in trainable.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=device.type == "cuda")
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=max_steps)
-    logger = RunLogger(tracking_uri, run_id, outbox_path(spec.output_dir) if probe is None else None) \
-        if rank == 0 and run_id else None
+    logger = RunLogger(tracking_uri, run_id, outbox_path(spec.output_dir) if probe is None else None,
+                       spec.tracking.retry_every_s) if rank == 0 and run_id else None
     # float16 (cards without bf16: T4, V100) overflows and underflows where bf16 does not: scale the loss.
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and spec.compute_dtype == "float16" else None
     run = Run(spec, probe, device, rank, world_size, data, batches, tok.pad_token_id, trainable, net, optimizer,
