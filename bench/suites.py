@@ -88,9 +88,13 @@ SUITES = {
     ],
     # Issue 25, the peers: the same, and Unsloth's best of its grid (bench/unsloth_grid.py: micro-batch 1/2/4,
     # its offloaded or plain checkpointing, 16-bit or 4-bit) under the same budget; the random 8B saved first in
-    # its own process. Each arm alone, ~1 min per Unsloth arm: more than one 10-minute device command holds, so
-    # split the grid, each command with its own l4-job arm, e.g. `--only l4-job local-model 'unsloth-16bit-*'`
-    # then `--only l4-job 'unsloth-4bit-*'`; every ratio stays within one command, and the claim is the lower.
+    # its own process. Each arm alone. Measured on a fresh H100 (2026-12-07): l4-job 141 s (Ray's first start,
+    # Inductor from nothing), local-model 44 s, an Unsloth arm over 75 s (load, patch, its first step not done
+    # by then): the grid does not fit one 10-minute command. Split it, each command with its own l4-job arm, about
+    # four Unsloth arms each, e.g. `--only seed-recipe-l4 l4-job local-model 'unsloth-16bit-mb4-*'
+    # 'unsloth-16bit-mb2-*'`, then `--only l4-job 'unsloth-16bit-mb1-*' 'unsloth-4bit-mb4-*'`, then
+    # `--only l4-job 'unsloth-4bit-mb2-*' 'unsloth-4bit-mb1-*'`; every ratio stays within one command, and the
+    # claim is the lowest.
     "l4-vs-peers": [
         _seed_l4(),
         _l4_job("seed-recipe-l4,unsloth-*"),
