@@ -159,7 +159,7 @@ def ui_link(uri: str, exp_id: str) -> str:
 
 OUTBOX_FILE = "mlflow-pending.jsonl"
 OUTBOX_MAX_ENTRIES = 200_000     # about 60 MB of step metrics; beyond it new metrics are dropped and counted
-RETRY_EVERY_S = 15.0             # while the server is away, one delivery attempt per this many seconds (the default)
+RETRY_EVERY_S = TrackingSpec.model_fields["retry_every_s"].default  # tracking.retry_every_s unless a job says
 
 
 # MLflow's client retries a call 7 times with backoff (minutes) before it fails: a training step would wait that

@@ -2,7 +2,6 @@
 model-dtype path to fp8's precision, one byte per weight, and an adapter in plain PEFT format that
 loads onto an unquantized base. bitsandbytes' nf4/int8 need CUDA (measured in bench/quant.py)."""
 
-
 import pytest
 import torch
 from conftest import tiny_batch

@@ -128,7 +128,7 @@ def _the_run(url: str, steps: int) -> None:
 @pytest.mark.slow
 def test_a_tracking_outage_never_stops_training(root, tmp_path):
     """Issue 26: the MLflow server killed at step 8 of 30 and started again (same store, same port) at step 16:
-    training never stops, exit 0, one FINISHED run, 40 loss points, each step once; the output says the server
+    training never stops, exit 0, one FINISHED run, 30 loss points, each step once; the output says the server
     went away and that the waiting records were delivered."""
     from conftest import serve_mlflow
 

@@ -431,7 +431,7 @@ def sync(output_dir: str) -> int:
         raise SpecError(str(output_dir), [f"no job here: expected {spec_file} and {run_id_file}, as `fitrun train` "
                                           "writes them into its output_dir"])
     spec = job_from_dict(json.loads(spec_file.read_text()), str(spec_file))
-    logger = RunLogger(tracking_uri(spec.tracking), run_id_file.read_text().strip(), outbox)  # sync: tries now
+    logger = RunLogger(tracking_uri(spec.tracking), run_id_file.read_text().strip(), outbox, spec.tracking.retry_every_s)
     before = logger.pending()
     logger.flush(force=True)
     left = logger.pending()
